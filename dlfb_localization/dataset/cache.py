@@ -1,0 +1,208 @@
+"""The assembled cache: the chosen channels of every block in one memory map.
+
+Built once (next to the raw files, or in a folder the caller names) and opened
+read-only afterwards, so the release is never loaded into RAM. A cache is three
+files sharing a stem that names its channels, e.g. `images_c0.npy`,
+`labels_c0.csv` and `manifest_c0.json`. Each is written under a temporary name and
+renamed into place, the manifest last: a cache without a manifest that matches the
+source files and the on-disk sizes is stale or half-written, and is rebuilt.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dlfb_localization.dataset.sources import (
+    TABLE_COLUMNS,
+    Block,
+    DataFormatError,
+    discover_blocks,
+    fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+CACHE_DIRNAME = "dlfb_cache"
+# Frames copied per read: ~160 MB of float32 100x100x4, small next to a 6 GB block.
+_CHUNK_FRAMES = 4096
+
+
+def open_cache(
+    data_path: str | os.PathLike,
+    channels: Sequence[int] = (0,),
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    force_recreate: bool = False,
+    trust_pickled_labels: bool = False,
+    progress: bool = False,
+) -> tuple[np.ndarray, pd.DataFrame, str]:
+    """Opens (building or rebuilding if needed) the cache of `data_path`.
+
+    Args:
+      data_path: folder with the release or sample format (see `sources`).
+      channels: channel indices to keep, in order (the chapter keeps `(0,)`).
+      cache_dir: where the cache lives; default `<data_path>/dlfb_cache`.
+      force_recreate: rebuild even if a valid cache exists.
+      trust_pickled_labels: see `sources.discover_blocks`.
+      progress: show a progress bar while building.
+
+    Returns:
+      `(frames, labels, digest)`: a read-only float32 memmap
+      `[n_frames, h, w, len(channels)]`, the label table with a `frame_id` column
+      (the row in `frames`), and a digest identifying this cache's content.
+    """
+    channels = tuple(int(c) for c in channels)
+    blocks = discover_blocks(
+        data_path, channels, trust_pickled_labels=trust_pickled_labels
+    )
+    folder = (
+        Path(cache_dir) if cache_dir is not None else Path(data_path) / CACHE_DIRNAME
+    )
+    stem = "c" + "-".join(str(c) for c in channels)
+    paths = {
+        "images": folder / f"images_{stem}.npy",
+        "labels": folder / f"labels_{stem}.csv",
+        "manifest": folder / f"manifest_{stem}.json",
+    }
+    expected = _manifest(blocks, channels)
+    reason = "force_recreate=True" if force_recreate else _stale_reason(paths, expected)
+    if reason:
+        logger.info("building cache %s (%s)", paths["images"], reason)
+        _build(blocks, channels, paths, expected, progress)
+    frames = np.load(paths["images"], mmap_mode="r")
+    labels = pd.read_csv(paths["labels"], dtype=_LABEL_DTYPES, keep_default_na=False)
+    digest = hashlib.sha256(paths["manifest"].read_bytes()).hexdigest()[:16]
+    return frames, labels, digest
+
+
+_LABEL_DTYPES = {
+    "frame_id": np.int64,
+    "ensg": str,
+    "name": str,
+    "loc_grade1": str,
+    "loc_grade2": str,
+    "loc_grade3": str,
+    "protein_id": np.int64,
+    "fov_id": np.int64,
+}
+
+
+def _manifest(blocks: Sequence[Block], channels: tuple[int, ...]) -> dict:
+    n_frames = sum(b.n_frames for b in blocks)
+    h, w = blocks[0].frame_shape
+    return {
+        "version": CACHE_VERSION,
+        "channels": list(channels),
+        "shape": [n_frames, h, w, len(channels)],
+        "dtype": "float32",
+        "blocks": [{"name": b.name, "n_frames": b.n_frames} for b in blocks],
+        "sources": fingerprint(blocks),
+    }
+
+
+def _stale_reason(paths: dict[str, Path], expected: dict) -> str | None:
+    """Why the cache at `paths` cannot be used as it is, or None if it can."""
+    if not paths["manifest"].exists():
+        return "no cache yet"
+    try:
+        found = json.loads(paths["manifest"].read_text())
+    except (OSError, json.JSONDecodeError):
+        return "unreadable manifest"
+    if found.get("payload") != expected:
+        return "the source files or channels changed"
+    for key in ("images", "labels"):
+        path = paths[key]
+        if not path.exists() or path.stat().st_size != found.get(f"{key}_bytes"):
+            return f"{path.name} is missing or truncated"
+    try:
+        frames = np.load(paths["images"], mmap_mode="r")
+    except (ValueError, OSError):
+        return f"{paths['images'].name} is unreadable"
+    if list(frames.shape) != expected["shape"] or frames.dtype != np.float32:
+        return f"{paths['images'].name} has the wrong shape or dtype"
+    return None
+
+
+def _build(blocks, channels, paths, expected, progress) -> None:
+    folder = paths["images"].parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.joinpath(".write-test").touch()
+        folder.joinpath(".write-test").unlink()
+    except OSError as error:
+        raise PermissionError(
+            f"cannot write the cache to {folder} ({error}); pass cache_dir= a "
+            "writable folder (the data folder itself is never modified otherwise)"
+        ) from error
+    # The old manifest goes first, so a crash below leaves no valid-looking cache.
+    paths["manifest"].unlink(missing_ok=True)
+    tmp = {key: path.with_name(path.name + ".tmp") for key, path in paths.items()}
+    try:
+        _write_images(blocks, channels, tmp["images"], expected["shape"], progress)
+        _write_labels(blocks, tmp["labels"])
+        os.replace(tmp["images"], paths["images"])
+        os.replace(tmp["labels"], paths["labels"])
+        manifest = {
+            "payload": expected,
+            "images_bytes": paths["images"].stat().st_size,
+            "labels_bytes": paths["labels"].stat().st_size,
+        }
+        tmp["manifest"].write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp["manifest"], paths["manifest"])
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+
+
+def _write_images(blocks, channels, path: Path, shape, progress: bool) -> None:
+    out = np.lib.format.open_memmap(
+        path, mode="w+", dtype=np.float32, shape=tuple(shape)
+    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=shape[0], unit="frame", desc="building cache")
+    row = 0
+    for block in blocks:
+        for start in range(0, block.n_frames, _CHUNK_FRAMES):
+            stop = min(start + _CHUNK_FRAMES, block.n_frames)
+            chunk = np.asarray(block.read(start, stop, channels), dtype=np.float32)
+            finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+            if not finite.all():
+                bad = start + int(np.argmin(finite))
+                raise DataFormatError(
+                    f"{block.name}: frame {bad} (row {bad} of that block) has NaN or "
+                    f"infinite pixels in channel(s) {list(channels)}; fix or drop the "
+                    "frame (and its label row) before building the data set"
+                )
+            out[row : row + len(chunk)] = chunk
+            row += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    out.flush()
+    del out
+    if bar is not None:
+        bar.close()
+
+
+def _write_labels(blocks, path: Path) -> None:
+    tables = [block.read_labels() for block in blocks]
+    table = pd.concat(tables, ignore_index=True)
+    table.insert(0, "frame_id", np.arange(len(table), dtype=np.int64))
+    names = table.groupby("protein_id")["name"].nunique()
+    if (names > 1).any():
+        protein = int(names.index[np.argmax(names.to_numpy() > 1)])
+        raise DataFormatError(
+            f"protein_id {protein} carries several gene names "
+            f"{sorted(table.loc[table.protein_id == protein, 'name'].unique())}; "
+            "each protein_id must name one protein"
+        )
+    table[["frame_id", *TABLE_COLUMNS]].to_csv(path, index=False)

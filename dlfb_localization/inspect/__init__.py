@@ -1,0 +1,1 @@
+"""Looking inside data and models: figures and numbers. Imports matplotlib lazily."""

@@ -1,0 +1,58 @@
+"""Grids of frames titled with their protein and localization."""
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+from dlfb_localization.dataset.localizations import frame_localizations
+
+
+def frame_title(name: str, localizations: list[str]) -> str:
+    """ "GENE\\nmain (+k)": the gene symbol, main localization and count of others."""
+    if not localizations:
+        return f"{name}\nunannotated"
+    extra = f" (+{len(localizations) - 1})" if len(localizations) > 1 else ""
+    return f"{name}\n{localizations[0]}{extra}"
+
+
+def plot_frames(
+    dataset, frame_ids: np.ndarray, with_labels: bool = True, channel: int = 0
+) -> Figure:
+    """Plots frames of `dataset` (one channel, gray) in a near-square grid.
+
+    Args:
+      dataset: the `Dataset` the frames belong to.
+      frame_ids: `[n]` frame ids to show.
+      with_labels: title each frame with gene symbol and main localization.
+      channel: which channel of the frames to show.
+
+    Returns:
+      The Figure (pyplot keeps a reference, so notebooks display it).
+    """
+    frame_ids = np.asarray(frame_ids)
+    n = len(frame_ids)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(2.0 * cols, 2.0 * rows + (0.4 * rows if with_labels else 0)),
+        squeeze=False,
+    )
+    images = dataset.images.frames[np.sort(frame_ids)][..., channel]
+    order = np.argsort(np.argsort(frame_ids))  # back to the caller's order
+    lookup = dataset.labels.lookup.set_index("frame_id").loc[frame_ids]
+    localizations = frame_localizations(lookup)
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i >= n:
+            continue
+        ax.imshow(images[order[i]], cmap="gray", interpolation="nearest")
+        if with_labels:
+            ax.set_title(
+                frame_title(lookup["name"].iloc[i], localizations[i]), fontsize=8
+            )
+    fig.tight_layout()
+    return fig

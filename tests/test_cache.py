@@ -1,0 +1,90 @@
+"""The assembled cache: built once, validated on open, rebuilt when stale."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dlfb_localization.dataset.builder import DatasetBuilder
+from dlfb_localization.dataset.cache import open_cache
+from dlfb_localization.dataset.utils import get_dataset
+
+
+def _cache_files(path):
+    return sorted(p.name for p in (path / "dlfb_cache").iterdir())
+
+
+def test_cache_is_built_once_and_reused(tiny_release):
+    path, images, _ = tiny_release
+    frames, labels, digest = open_cache(path)
+    assert isinstance(frames, np.memmap) and not frames.flags.writeable
+    np.testing.assert_array_equal(frames, images[..., :1])
+    assert _cache_files(path) == ["images_c0.npy", "labels_c0.csv", "manifest_c0.json"]
+    mtime = (path / "dlfb_cache" / "images_c0.npy").stat().st_mtime_ns
+    _, _, digest_again = open_cache(path)
+    assert (path / "dlfb_cache" / "images_c0.npy").stat().st_mtime_ns == mtime
+    assert digest_again == digest
+    np.testing.assert_array_equal(labels["frame_id"], np.arange(len(images)))
+
+
+def test_truncated_cache_is_rebuilt_not_read(tiny_release):
+    path, images, _ = tiny_release
+    open_cache(path)
+    cache = path / "dlfb_cache" / "images_c0.npy"
+    with open(cache, "r+b") as f:
+        f.truncate(cache.stat().st_size // 2)
+    frames, _, _ = open_cache(path)
+    np.testing.assert_array_equal(frames, images[..., :1])
+
+
+def test_half_written_cache_without_manifest_is_rebuilt(tiny_release):
+    path, images, _ = tiny_release
+    open_cache(path)
+    cache = path / "dlfb_cache"
+    (cache / "manifest_c0.json").unlink()  # as if the process died before the rename
+    np.save(cache / "images_c0.npy", np.zeros((len(images), 16, 16, 1), np.float32))
+    frames, _, _ = open_cache(path)
+    np.testing.assert_array_equal(frames, images[..., :1])
+
+
+def test_changed_source_block_makes_cache_stale(tiny_release):
+    path, _, _ = tiny_release
+    open_cache(path)
+    block = np.load(path / "Image_data01.npy")
+    block[..., 0] += 1.0
+    np.save(path / "Image_data01.npy", block)
+    # Same size: staleness must come from the modification time, not the size.
+    os.utime(path / "Image_data01.npy", ns=(1, 10**18))
+    frames, _, _ = open_cache(path)
+    n0 = len(np.load(path / "Image_data00.npy", mmap_mode="r"))
+    np.testing.assert_array_equal(frames[n0:, ..., 0], block[..., 0])
+
+
+def test_force_recreate_and_separate_channel_caches(tiny_release):
+    path, _, _ = tiny_release
+    open_cache(path)
+    manifest = json.loads((path / "dlfb_cache" / "manifest_c0.json").read_text())
+    frames, _, _ = open_cache(path, channels=(0, 1))
+    assert frames.shape[-1] == 2
+    assert "manifest_c0-1.json" in _cache_files(path)
+    assert (
+        json.loads((path / "dlfb_cache" / "manifest_c0.json").read_text()) == manifest
+    )
+    DatasetBuilder(path, force_recreate=True)  # rebuilds without error
+
+
+def test_cache_dir_keeps_data_folder_untouched(tiny_release, tmp_path):
+    path, images, _ = tiny_release
+    before = sorted(os.listdir(path))
+    dataset = get_dataset(path, cache_dir=tmp_path / "cache")
+    assert sorted(os.listdir(path)) == before
+    assert len(dataset) == len(images)
+
+
+def test_unwritable_cache_folder_says_to_pass_cache_dir(tiny_release, tmp_path):
+    path, _, _ = tiny_release
+    not_a_folder = tmp_path / "a_file"
+    not_a_folder.write_text("")  # mkdir fails here even for root
+    with pytest.raises(PermissionError, match="cache_dir"):
+        open_cache(path, cache_dir=not_a_folder / "cache")
