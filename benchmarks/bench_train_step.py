@@ -1,0 +1,112 @@
+"""Train-step throughput and peak memory at the chapter's configuration.
+
+Run by hand (never by the tests):
+
+    python benchmarks/bench_train_step.py              # the chapter's settings
+    python benchmarks/bench_train_step.py --steps 20   # a steadier estimate
+
+It times `train_step` on random 100x100x1 inputs (batch 256, K=512, D=64, 50
+classes, Adam 1e-3) after warm-up steps that include compilation, and prints
+one JSON object: images per second, seconds per step, compile time and the
+process's peak resident memory.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dlfb_localization.model import LocalizationModel
+from dlfb_localization.train import train_step
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=100)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--embedding-dim", type=int, default=64)
+    parser.add_argument("--num-embeddings", type=int, default=512)
+    parser.add_argument("--num-classes", type=int, default=50)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def _peak_rss_mib() -> float:
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024**2 if platform.system() == "Darwin" else 1024)
+
+
+def main() -> None:
+    args = _parse_args()
+    model = LocalizationModel(
+        num_classes=args.num_classes,
+        embedding_dim=args.embedding_dim,
+        num_embeddings=args.num_embeddings,
+        commitment_cost=0.25,
+        dropout_rate=0.45,
+        classification_head_layers=2,
+    )
+    shape = (args.batch_size, args.image_size, args.image_size, args.channels)
+    data_rng = np.random.default_rng(args.seed)
+    batch = {
+        "images": jnp.asarray(data_rng.random(shape, dtype=np.float32)),
+        "labels": jnp.asarray(
+            data_rng.integers(0, args.num_classes, args.batch_size, dtype=np.int32)
+        ),
+    }
+    rng_init, rng_dropout = jax.random.split(jax.random.key(args.seed))
+    state = model.create_train_state(
+        rng_init, np.zeros((1, *shape[1:]), np.float32), optax.adam(args.learning_rate)
+    )
+    weight = jnp.float32(1.0)
+
+    start = time.perf_counter()
+    for _ in range(args.warmup_steps):
+        state, metrics = train_step(state, batch, rng_dropout, weight)
+    jax.block_until_ready(metrics)
+    warmup_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = train_step(state, batch, rng_dropout, weight)
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - start
+
+    print(
+        json.dumps(
+            {
+                "images_per_s": args.steps * args.batch_size / elapsed,
+                "s_per_step": elapsed / args.steps,
+                "warmup_s_incl_compile": warmup_s,
+                "peak_rss_mib": _peak_rss_mib(),
+                "steps": args.steps,
+                "warmup_steps": args.warmup_steps,
+                "batch_size": args.batch_size,
+                "input_shape": list(shape[1:]),
+                "embedding_dim": args.embedding_dim,
+                "num_embeddings": args.num_embeddings,
+                "num_classes": args.num_classes,
+                "params": sum(x.size for x in jax.tree.leaves(state.params)),
+                "final_total_loss": float(metrics["total_loss"]),
+                "device": str(jax.devices()[0].device_kind),
+                "backend": jax.default_backend(),
+                "jax": jax.__version__,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

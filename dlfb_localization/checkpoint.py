@@ -1,0 +1,346 @@
+"""Epoch checkpoints of a training run with Orbax, and when to trust them.
+
+A checkpoint is one Orbax step (numbered by the optimizer step) with two items:
+"state", the `TrainState` arrays, and "meta", JSON holding the run's
+configuration, the last finished epoch and the metrics so far. Nothing is
+pickled. Orbax writes each step into a temporary folder and renames it into
+place only when complete, so a crash mid-save leaves no step that can be
+restored; the previous step stays valid.
+
+The configuration records everything that decides the result and can be
+recorded (`build_run_config`). A stored run is used only if its configuration
+matches; otherwise `ConfigMismatchError` names the differing fields.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax.training.train_state import TrainState
+
+from dlfb_localization import __version__
+from dlfb_localization.metrics import History
+
+logger = logging.getLogger(__name__)
+
+# Bump when the layout of "meta" changes incompatibly.
+FORMAT_VERSION = 1
+# Two steps, so that the previous epoch survives while the next one is written.
+MAX_TO_KEEP = 2
+# Fingerprints of arrays are compared up to this fraction of the array's L1 norm:
+# far above float32 rounding differences between backends (a GPU-written run
+# restores on a CPU), far below the difference between two random inits.
+_FINGERPRINT_TOLERANCE = 1e-6
+_FINGERPRINT_FLOOR = 1e-12
+_FINGERPRINT_FIELDS = {
+    "init_params": "the stored run started from other initial parameters "
+    "(another seed or initializer?)",
+    "optimizer.probe_update": "the stored run's optimizer makes a different first "
+    "update (another learning rate or optimizer setting?)",
+}
+_CHUNK = 1 << 22
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+class ConfigMismatchError(ValueError):
+    """The checkpoint folder holds a run with a different configuration."""
+
+
+class RestoredRun(NamedTuple):
+    """A run read back from its latest checkpoint.
+
+    Attributes:
+      state: the `TrainState` after `epoch`.
+      epoch: the last finished epoch (0-based).
+      metrics: the metrics history up to and including `epoch`.
+    """
+
+    state: TrainState
+    epoch: int
+    metrics: History
+
+
+def _to_json(value: Any) -> Any:
+    """Plain JSON types (dict, list, str, int, float, bool, None) only."""
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, np.ndarray | jax.Array):
+        return _to_json(np.asarray(value).tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} as JSON: {value!r}")
+
+
+def _fingerprint(tree: Any) -> dict[str, Any]:
+    """A SHA-256 of a tree's arrays plus a rounding-tolerant summary.
+
+    The summary holds, per leaf, the dot product with a fixed +-1 pattern and the
+    L1 norm (both float64). Two random inits differ in the projection by about
+    the leaf's scale times sqrt(size); recomputing on another backend changes it
+    by at most rounding error times the L1 norm.
+    """
+    digest = hashlib.sha256()
+    projections, norms = [], []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        values = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(f"{values.dtype}{values.shape}".encode())
+        digest.update(values.tobytes())
+        flat = values.ravel()
+        projection, norm = 0.0, 0.0
+        for start in range(0, flat.size, _CHUNK):
+            chunk = flat[start : start + _CHUNK].astype(np.float64)
+            index = np.arange(start, start + chunk.size, dtype=np.uint64)
+            signs = 1.0 - 2.0 * ((index * _GOLDEN) >> np.uint64(63))
+            projection += float(signs @ chunk)
+            norm += float(np.abs(chunk).sum())
+        projections.append(projection)
+        norms.append(norm)
+    return {"sha256": digest.hexdigest(), "projections": projections, "norms": norms}
+
+
+def _same_fingerprint(stored: Mapping, current: Mapping) -> bool:
+    if stored.get("sha256") == current.get("sha256"):
+        return True
+    keys = ("projections", "norms")
+    if any(len(stored.get(k, ())) != len(current[k]) for k in keys):
+        return False
+    for p_old, p_new, n_old, n_new in zip(
+        stored["projections"],
+        current["projections"],
+        stored["norms"],
+        current["norms"],
+        strict=True,
+    ):
+        # The floor keeps all-zero leaves (biases) comparable.
+        tolerance = _FINGERPRINT_TOLERANCE * max(n_old, n_new) + _FINGERPRINT_FLOOR
+        if abs(p_old - p_new) > tolerance or abs(n_old - n_new) > tolerance:
+            return False
+    return True
+
+
+def _describe_model(state: TrainState) -> dict[str, Any]:
+    """The model's class and hyperparameters, from `state.apply_fn`."""
+    module = getattr(state.apply_fn, "__self__", None)
+    if not isinstance(module, nn.Module):
+        function = state.apply_fn
+        return {"apply_fn": f"{function.__module__}.{function.__qualname__}"}
+    cls = type(module)
+    fields = {
+        f.name: getattr(module, f.name)
+        for f in dataclasses.fields(module)
+        if f.name not in ("parent", "name")
+    }
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", **fields}
+
+
+def build_run_config(
+    state: TrainState,
+    rng: jax.Array,
+    dataset_splits: Mapping[str, Any],
+    *,
+    num_epochs: int,
+    batch_size: int,
+    classification_weight: float,
+    eval_every: int,
+) -> dict[str, Any]:
+    """Everything recordable that decides a run's result, as plain JSON.
+
+    Args:
+      state: the initial `TrainState`: its model hyperparameters, a fingerprint
+        of its parameters, its optimizer-state structure, and a fingerprint of
+        the update the optimizer makes from it for a gradient of ones, which
+        catches e.g. a changed learning rate (optax hides it in closures).
+      rng: the run's JAX key (its key data is stored).
+      dataset_splits: the splits; "train" and "valid" are fingerprinted.
+      num_epochs, batch_size, classification_weight, eval_every: `train`'s
+        arguments.
+
+    Returns:
+      A JSON-ready dict.
+    """
+    opt_leaves, opt_structure = jax.tree.flatten(state.opt_state)
+    probe_gradient = jax.tree.map(jnp.ones_like, state.params)
+    probe_update, _ = jax.jit(state.tx.update)(
+        probe_gradient, state.opt_state, state.params
+    )
+    config = {
+        "model": _describe_model(state),
+        "num_epochs": num_epochs,
+        "batch_size": batch_size,
+        "classification_weight": classification_weight,
+        "eval_every": eval_every,
+        "data": {name: dataset_splits[name].fingerprint for name in ("train", "valid")},
+        "input_shape": list(dataset_splits["train"].image_shape),
+        "rng": np.asarray(jax.random.key_data(rng)).tolist(),
+        "optimizer": {
+            "state_structure": str(opt_structure),
+            "state_shapes": [
+                [list(np.shape(x)), str(getattr(x, "dtype", type(x).__name__))]
+                for x in opt_leaves
+            ],
+            "probe_update": _fingerprint(probe_update),
+        },
+        "init_params": _fingerprint(state.params),
+    }
+    # Plain types (tuples as lists), so it compares equal to what JSON reads back.
+    return _to_json(config)
+
+
+def find_config_differences(stored: Any, current: Any, path: str = "") -> list[str]:
+    """Dotted names of the fields where two run configurations differ.
+
+    Fingerprints of arrays (initial parameters, optimizer probe) count as equal
+    when they agree up to float rounding, so a run written on one backend is
+    recognised on another.
+
+    Returns:
+      e.g. `["batch_size: stored 4, now 8"]`; empty when the runs match.
+    """
+    if path in _FINGERPRINT_FIELDS and isinstance(stored, Mapping):
+        if isinstance(current, Mapping) and _same_fingerprint(stored, current):
+            if stored.get("sha256") != current.get("sha256"):
+                logger.info("%s equal up to float rounding (another backend?)", path)
+            return []
+        return [f"{path}: {_FINGERPRINT_FIELDS[path]}"]
+    if isinstance(stored, Mapping) and isinstance(current, Mapping):
+        differences = []
+        for key in sorted(set(stored) | set(current)):
+            name = f"{path}.{key}" if path else key
+            if key not in stored or key not in current:
+                differences.append(
+                    f"{name}: only in the {'run' if key in current else 'stored run'}"
+                )
+            else:
+                differences += find_config_differences(stored[key], current[key], name)
+        return differences
+    if stored != current:
+        return [f"{path}: stored {_shorten(stored)}, now {_shorten(current)}"]
+    return []
+
+
+def _shorten(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def open_manager(store_path: str | os.PathLike) -> ocp.CheckpointManager:
+    """An Orbax `CheckpointManager` for a run's folder (created if missing).
+
+    Only finalized steps are listed by Orbax; an unfinished save (a
+    `*.orbax-checkpoint-tmp*` folder) is ignored and overwritten when that step
+    is saved again.
+    """
+    return ocp.CheckpointManager(
+        Path(store_path).expanduser().absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True),
+    )
+
+
+def save_epoch(
+    manager: ocp.CheckpointManager,
+    state: TrainState,
+    epoch: int,
+    config: Mapping[str, Any],
+    metrics: History,
+) -> None:
+    """Writes the state after `epoch`, with config and metrics, and waits for it.
+
+    The step number is the optimizer step. Waiting matters: the next train step
+    donates (reuses) the state's buffers.
+    """
+    meta = {
+        "config": config,
+        "epoch": epoch,
+        "metrics": metrics,
+        "version": {
+            "format": FORMAT_VERSION,
+            "dlfb_localization": __version__,
+            "jax": jax.__version__,
+            "orbax": ocp.__version__,
+        },
+    }
+    manager.save(
+        int(state.step),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave(_to_json(meta)),
+        ),
+    )
+    manager.wait_until_finished()
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The JSON "meta" item of a step (config, epoch, metrics, version)."""
+    restored = manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    )
+    return restored["meta"]
+
+
+def restore_state(
+    manager: ocp.CheckpointManager, step: int, target: TrainState
+) -> TrainState:
+    """The `TrainState` of a step, placed like `target`'s arrays.
+
+    `target` only provides structure, shapes, dtypes and device placement (its
+    values are not read), so a run written on a GPU restores on a CPU.
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    )
+    return restored["state"]
+
+
+def restore_run(
+    manager: ocp.CheckpointManager, state: TrainState, config: Mapping[str, Any]
+) -> RestoredRun | None:
+    """The latest checkpoint of the run described by `config`, if any.
+
+    Args:
+      manager: from `open_manager`.
+      state: a state shaped like the stored one (e.g. the fresh initial state).
+      config: `build_run_config` of the run being started.
+
+    Returns:
+      The restored run, or None if the folder holds no finished checkpoint.
+
+    Raises:
+      ConfigMismatchError: the stored run's configuration differs.
+    """
+    step = manager.latest_step()
+    if step is None:
+        return None
+    meta = read_meta(manager, step)
+    stored_format = meta.get("version", {}).get("format")
+    if stored_format != FORMAT_VERSION:
+        raise ConfigMismatchError(
+            f"{manager.directory} holds checkpoint format {stored_format}, this "
+            f"library reads format {FORMAT_VERSION}; use another store_path"
+        )
+    differences = find_config_differences(meta["config"], dict(config))
+    if differences:
+        raise ConfigMismatchError(
+            f"{manager.directory} holds a run with a different configuration; "
+            "use another store_path, or the stored settings. Differences: "
+            + "; ".join(differences)
+        )
+    return RestoredRun(
+        state=restore_state(manager, step, state),
+        epoch=int(meta["epoch"]),
+        metrics=meta["metrics"],
+    )

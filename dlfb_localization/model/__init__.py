@@ -1,0 +1,38 @@
+"""The chapter's VQ-VAE: `from dlfb_localization.model import LocalizationModel`."""
+
+from dlfb_localization.model.decoder import Decoder, Upsample
+from dlfb_localization.model.encoder import Encoder, ResnetBlock
+from dlfb_localization.model.head import ClassificationHead
+from dlfb_localization.model.quantizer import (
+    CodeUsage,
+    VectorQuantizer,
+    VQOutput,
+    compute_code_usage,
+    compute_codebook_loss,
+    compute_commitment_loss,
+    find_nearest_codes,
+    lookup_codes,
+    quantize,
+    straight_through,
+)
+from dlfb_localization.model.vqvae import LocalizationModel, ModelOutputs
+
+__all__ = [
+    "ClassificationHead",
+    "CodeUsage",
+    "Decoder",
+    "Encoder",
+    "LocalizationModel",
+    "ModelOutputs",
+    "ResnetBlock",
+    "Upsample",
+    "VQOutput",
+    "VectorQuantizer",
+    "compute_code_usage",
+    "compute_codebook_loss",
+    "compute_commitment_loss",
+    "find_nearest_codes",
+    "lookup_codes",
+    "quantize",
+    "straight_through",
+]

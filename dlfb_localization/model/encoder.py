@@ -1,0 +1,78 @@
+"""The encoder, and the residual block it shares with the decoder."""
+
+import math
+
+import flax.linen as nn
+import jax
+
+# Flax's (and the chapter's) GroupNorm default.
+_MAX_GROUPS = 32
+
+
+class ResnetBlock(nn.Module):
+    """Residual block: GroupNorm, swish, 3x3 conv, twice, plus the input.
+
+    The GroupNorm + swish pairing follows the diffusion-model blocks the chapter
+    borrows. GroupNorm uses `gcd(32, latent_dim)` groups: 32 for the chapter's
+    `latent_dim=64` (Flax's default), and a valid count for small test models
+    whose channels are not a multiple of 32.
+
+    Attributes:
+      latent_dim: channels in and out; the input must already have this many.
+    """
+
+    latent_dim: int
+
+    def setup(self) -> None:
+        num_groups = math.gcd(_MAX_GROUPS, self.latent_dim)
+        self.norm1 = nn.GroupNorm(num_groups=num_groups)
+        self.conv1 = nn.Conv(self.latent_dim, kernel_size=(3, 3), padding=1)
+        self.norm2 = nn.GroupNorm(num_groups=num_groups)
+        self.conv2 = nn.Conv(self.latent_dim, kernel_size=(3, 3), padding=1)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Maps `[batch, h, w, latent_dim]` to the same shape."""
+        h = self.conv1(nn.swish(self.norm1(x)))
+        h = self.conv2(nn.swish(self.norm2(h)))
+        return x + h
+
+
+class Encoder(nn.Module):
+    """Convolutional encoder: 4x spatial downsampling to `latent_dim` channels.
+
+    Two 4x4 stride-2 convolutions (to `latent_dim // 2`, then `latent_dim`
+    channels, each followed by ReLU), a 3x3 convolution and two residual blocks.
+    A 100x100 crop becomes a 25x25 grid of `latent_dim`-vectors.
+
+    Attributes:
+      latent_dim: output channels; the quantizer's `embedding_dim`.
+    """
+
+    latent_dim: int
+
+    def setup(self) -> None:
+        # padding=1 with a 4x4 kernel and stride 2 halves even sizes exactly.
+        self.conv1 = nn.Conv(
+            self.latent_dim // 2, kernel_size=(4, 4), strides=(2, 2), padding=1
+        )
+        self.conv2 = nn.Conv(
+            self.latent_dim, kernel_size=(4, 4), strides=(2, 2), padding=1
+        )
+        self.conv3 = nn.Conv(self.latent_dim, kernel_size=(3, 3), padding=1)
+        self.res_block1 = ResnetBlock(self.latent_dim)
+        self.res_block2 = ResnetBlock(self.latent_dim)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Encodes images.
+
+        Args:
+          x: `[batch, height, width, channels]` images.
+
+        Returns:
+          `[batch, height // 4, width // 4, latent_dim]` continuous latents.
+        """
+        x = nn.relu(self.conv1(x))
+        x = nn.relu(self.conv2(x))
+        x = self.conv3(x)
+        x = self.res_block1(x)
+        return self.res_block2(x)

@@ -1,0 +1,244 @@
+"""Vector quantization: the pure math, and the `VectorQuantizer` module.
+
+The functions here are the VQ-VAE bottleneck of van den Oord et al., "Neural
+Discrete Representation Learning" (NeurIPS 2017). They take the codebook as an
+argument, so they can be tested and reused without `init`. The codebook is laid
+out `[embedding_dim, num_embeddings]`, one code per column, as in the chapter
+and in Haiku.
+"""
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Keeps log(0) out of the entropy when a code is unused; the book's value.
+_LOG_EPSILON = 1e-10
+
+
+class VQOutput(NamedTuple):
+    """What the quantizer returns for a batch of encoder outputs.
+
+    Attributes:
+      quantized: `[..., embedding_dim]` straight-through output: the nearest
+        codes in the forward pass, the identity of the input in the backward pass.
+      indices: `[...]` int32 index of the nearest code at each position.
+      codebook_loss: scalar, pulls the codes towards the encoder outputs.
+      commitment_loss: scalar, already scaled by `commitment_cost`.
+      perplexity: scalar, `exp(entropy)` of code use in the batch, in
+        `[1, num_embeddings]`.
+      used_fraction: scalar, fraction of the codebook used at least once.
+      max_share: scalar, share of all positions taken by the busiest code.
+    """
+
+    quantized: jax.Array
+    indices: jax.Array
+    codebook_loss: jax.Array
+    commitment_loss: jax.Array
+    perplexity: jax.Array
+    used_fraction: jax.Array
+    max_share: jax.Array
+
+
+class CodeUsage(NamedTuple):
+    """Codebook health over a batch of code indices (all scalars)."""
+
+    perplexity: jax.Array
+    used_fraction: jax.Array
+    max_share: jax.Array
+
+
+def compute_distances(flat_inputs: jax.Array, codebook: jax.Array) -> jax.Array:
+    """Squared Euclidean distances between vectors and every code.
+
+    Uses `|x - e|^2 = |x|^2 - 2 <x, e> + |e|^2`, so the work is one matmul rather
+    than a `[n, num_embeddings, embedding_dim]` difference tensor.
+
+    Args:
+      flat_inputs: `[n, embedding_dim]` vectors.
+      codebook: `[embedding_dim, num_embeddings]` codes, one per column.
+
+    Returns:
+      `[n, num_embeddings]` squared distances.
+    """
+    return (
+        jnp.sum(jnp.square(flat_inputs), axis=1, keepdims=True)
+        - 2 * flat_inputs @ codebook
+        + jnp.sum(jnp.square(codebook), axis=0, keepdims=True)
+    )
+
+
+def find_nearest_codes(inputs: jax.Array, codebook: jax.Array) -> jax.Array:
+    """Index of the nearest code (squared Euclidean distance) for each vector.
+
+    Args:
+      inputs: `[..., embedding_dim]` vectors, e.g. `[batch, h, w, embedding_dim]`.
+      codebook: `[embedding_dim, num_embeddings]`.
+
+    Returns:
+      `[...]` int32 indices into the codebook's columns.
+    """
+    flat_inputs = inputs.reshape(-1, codebook.shape[0])
+    indices = jnp.argmin(compute_distances(flat_inputs, codebook), axis=1)
+    return indices.astype(jnp.int32).reshape(inputs.shape[:-1])
+
+
+def lookup_codes(indices: jax.Array, codebook: jax.Array) -> jax.Array:
+    """The codes at `indices`: `codebook[:, indices]` moved to the last axis.
+
+    Args:
+      indices: `[...]` integer indices.
+      codebook: `[embedding_dim, num_embeddings]`.
+
+    Returns:
+      `[..., embedding_dim]` code vectors. Gradients flow into `codebook`.
+    """
+    return jnp.take(codebook.T, indices, axis=0)
+
+
+def straight_through(inputs: jax.Array, quantized: jax.Array) -> jax.Array:
+    """Straight-through estimator: `quantized` forward, identity backward.
+
+    Argmin has no useful gradient, so the decoder's gradient is copied onto the
+    encoder output unchanged (van den Oord et al. 2017, section 3.2).
+
+    Args:
+      inputs: `[..., embedding_dim]` encoder outputs `z_e(x)`.
+      quantized: same shape, the chosen codes `z_q(x)`.
+
+    Returns:
+      Same shape; equals `quantized`, with `d out / d inputs` the identity and no
+      gradient into `quantized`.
+    """
+    # The book's `inputs + sg(quantized - inputs)` differs from `quantized` by
+    # rounding; adding an exact zero keeps the forward value bit-equal to the code.
+    return lax.stop_gradient(quantized) + (inputs - lax.stop_gradient(inputs))
+
+
+def quantize(inputs: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Snaps each vector to its nearest code, with a straight-through gradient.
+
+    Args:
+      inputs: `[..., embedding_dim]` encoder outputs.
+      codebook: `[embedding_dim, num_embeddings]`.
+
+    Returns:
+      `(quantized, indices)`: `[..., embedding_dim]` straight-through output and
+      `[...]` int32 code indices.
+    """
+    indices = find_nearest_codes(inputs, codebook)
+    return straight_through(inputs, lookup_codes(indices, codebook)), indices
+
+
+def compute_codebook_loss(inputs: jax.Array, codes: jax.Array) -> jax.Array:
+    """The codebook term `|sg[z_e(x)] - e|^2` of van den Oord et al. 2017, eq. 3.
+
+    The encoder output is a constant here, so only the codebook learns from it.
+
+    Args:
+      inputs: `[..., embedding_dim]` encoder outputs `z_e(x)`.
+      codes: same shape, the chosen codes `e` (from `lookup_codes`, not the
+        straight-through output, which carries no gradient to the codebook).
+
+    Returns:
+      Scalar mean over all elements.
+    """
+    return jnp.mean(jnp.square(codes - lax.stop_gradient(inputs)))
+
+
+def compute_commitment_loss(
+    inputs: jax.Array, codes: jax.Array, commitment_cost: float
+) -> jax.Array:
+    """The commitment term `beta |z_e(x) - sg[e]|^2` of van den Oord et al. 2017.
+
+    The codes are constants here, so only the encoder learns from it: it keeps the
+    encoder outputs from drifting away from the codebook (eq. 3).
+
+    Args:
+      inputs: `[..., embedding_dim]` encoder outputs `z_e(x)`.
+      codes: same shape, the chosen codes `e`.
+      commitment_cost: the paper's beta (0.25 in the paper and the chapter).
+
+    Returns:
+      Scalar, `beta` times the mean over all elements.
+    """
+    return commitment_cost * jnp.mean(jnp.square(lax.stop_gradient(codes) - inputs))
+
+
+def compute_code_usage(indices: jax.Array, num_embeddings: int) -> CodeUsage:
+    """Perplexity, used fraction and busiest-code share of a batch of indices.
+
+    A collapsing codebook shows here first: perplexity and used fraction fall
+    while the largest share climbs towards 1.
+
+    Args:
+      indices: `[...]` integer code indices (any shape; all positions count).
+      num_embeddings: codebook size K.
+
+    Returns:
+      `CodeUsage`; perplexity is K for uniform use and 1 for a single code.
+    """
+    # bincount, not the book's one-hot mean: [positions, K] floats is 300 MB at
+    # the chapter's batch of 256 x 25 x 25 positions and 512 codes.
+    counts = jnp.bincount(indices.ravel(), length=num_embeddings)
+    probs = counts / indices.size
+    entropy = -jnp.sum(probs * jnp.log(probs + _LOG_EPSILON))
+    return CodeUsage(
+        perplexity=jnp.exp(entropy),
+        used_fraction=jnp.mean(counts > 0),
+        max_share=jnp.max(probs),
+    )
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code bottleneck with a codebook learned by gradient descent.
+
+    Attributes:
+      num_embeddings: codebook size K.
+      embedding_dim: code length D; must equal the encoder's output channels.
+      commitment_cost: weight beta of the commitment loss.
+    """
+
+    num_embeddings: int
+    embedding_dim: int
+    commitment_cost: float
+
+    def setup(self) -> None:
+        self.codebook = self.param(
+            "codebook",
+            nn.initializers.lecun_uniform(),
+            (self.embedding_dim, self.num_embeddings),
+        )
+
+    def __call__(self, inputs: jax.Array) -> VQOutput:
+        """Quantizes encoder outputs.
+
+        Args:
+          inputs: `[batch, h, w, embedding_dim]` encoder outputs.
+
+        Returns:
+          `VQOutput` with `quantized` shaped like `inputs` and `indices`
+          `[batch, h, w]`.
+        """
+        quantized, indices = quantize(inputs, self.codebook)
+        # A second gather, with gradient into the codebook, for the losses; XLA
+        # merges it with the one inside `quantize`.
+        codes = lookup_codes(indices, self.codebook)
+        usage = compute_code_usage(indices, self.num_embeddings)
+        return VQOutput(
+            quantized=quantized,
+            indices=indices,
+            codebook_loss=compute_codebook_loss(inputs, codes),
+            commitment_loss=compute_commitment_loss(
+                inputs, codes, self.commitment_cost
+            ),
+            perplexity=usage.perplexity,
+            used_fraction=usage.used_fraction,
+            max_share=usage.max_share,
+        )
+
+    def get_closest_codebook_indices(self, inputs: jax.Array) -> jax.Array:
+        """`[batch, h, w]` int32 nearest-code indices (the chapter's name)."""
+        return find_nearest_codes(inputs, self.codebook)

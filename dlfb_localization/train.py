@@ -1,0 +1,342 @@
+"""Training: one loss function, the jitted steps and the epoch loop."""
+
+import functools
+import logging
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training.train_state import TrainState
+from tqdm.auto import tqdm
+
+from dlfb_localization import checkpoint
+from dlfb_localization.dataset import Dataset
+from dlfb_localization.metrics import History, MetricsLogger
+from dlfb_localization.model.vqvae import LocalizationModel, ModelOutputs
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "NonFiniteLossError",
+    "TrainState",
+    "compute_losses",
+    "compute_metrics",
+    "eval_step",
+    "train",
+    "train_step",
+]
+
+Batch = Mapping[str, np.ndarray | jax.Array]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A logged loss was NaN or infinite; training stopped before checkpointing."""
+
+
+def compute_losses(
+    outputs: ModelOutputs, batch: Batch, classification_weight: float | jax.Array
+) -> dict[str, jax.Array]:
+    """The training objective and its components, shared by training and eval.
+
+    `total_loss = recon_loss + codebook_loss + commitment_loss +
+    classification_weight * classification_loss`. The first three are the VQ-VAE
+    objective of van den Oord et al. 2017 (eq. 3; `commitment_loss` already
+    carries beta = `commitment_cost`); the last is cytoself's auxiliary
+    protein-id task. With `classification_weight=0` the head gets exactly zero
+    gradient (the ablation); its loss is still reported.
+
+    Args:
+      outputs: the model's `compute_outputs` for `batch["images"]`.
+      batch: `{"images": [b, h, w, c] float32, "labels": [b] int}`.
+      classification_weight: scalar weight of the classification loss.
+
+    Returns:
+      Scalars `total_loss`, `recon_loss` (mean squared error over all pixels),
+      `codebook_loss`, `commitment_loss` and `classification_loss` (mean
+      cross-entropy, unweighted).
+    """
+    recon_loss = jnp.mean(jnp.square(outputs.decoded - batch["images"]))
+    classification_loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits=outputs.logits, labels=batch["labels"]
+    ).mean()
+    total_loss = (
+        recon_loss
+        + outputs.vq.codebook_loss
+        + outputs.vq.commitment_loss
+        + classification_weight * classification_loss
+    )
+    return {
+        "total_loss": total_loss,
+        "recon_loss": recon_loss,
+        "codebook_loss": outputs.vq.codebook_loss,
+        "commitment_loss": outputs.vq.commitment_loss,
+        "classification_loss": classification_loss,
+    }
+
+
+def compute_metrics(outputs: ModelOutputs, batch: Batch) -> dict[str, jax.Array]:
+    """Accuracy and codebook health of a batch (no gradient is taken of these).
+
+    Returns:
+      Scalars `accuracy`, `perplexity`, `codebook_used_fraction` (share of codes
+      used at least once in the batch) and `codebook_max_share` (share of
+      positions taken by the busiest code).
+    """
+    return {
+        "accuracy": jnp.mean(jnp.argmax(outputs.logits, -1) == batch["labels"]),
+        "perplexity": outputs.vq.perplexity,
+        "codebook_used_fraction": outputs.vq.used_fraction,
+        "codebook_max_share": outputs.vq.max_share,
+    }
+
+
+def _compute_objective(
+    params,
+    state: TrainState,
+    batch: Batch,
+    classification_weight: jax.Array,
+    is_training: bool,
+    rngs: dict[str, jax.Array] | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Forward pass, losses and metrics: the one path both steps take."""
+    outputs = state.apply_fn(
+        {"params": params},
+        batch["images"],
+        is_training=is_training,
+        rngs=rngs,
+        method=LocalizationModel.compute_outputs,
+    )
+    losses = compute_losses(outputs, batch, classification_weight)
+    return losses["total_loss"], {**losses, **compute_metrics(outputs, batch)}
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    rng_dropout: jax.Array,
+    classification_weight: float | jax.Array,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step.
+
+    Dropout uses `fold_in(rng_dropout, state.step)`, so passing the same key at
+    every step still gives fresh, reproducible masks (a resumed run repeats
+    them). `state`'s buffers are donated: use the returned state.
+
+    Args:
+      state: `TrainState` of a `LocalizationModel`.
+      batch: `{"images": [b, h, w, c] float32, "labels": [b] int32}`; other keys
+        are ignored.
+      rng_dropout: JAX key for dropout.
+      classification_weight: scalar weight of the classification loss (traced,
+        so sweeping it does not recompile; keep its type fixed, e.g. float32).
+
+    Returns:
+      `(new_state, metrics)`; metrics are the scalars of `compute_losses` and
+      `compute_metrics`, computed with the parameters before the update.
+    """
+    rngs = {"dropout": jax.random.fold_in(rng_dropout, state.step)}
+    grad_fn = jax.value_and_grad(_compute_objective, has_aux=True)
+    (_, metrics), grads = grad_fn(
+        state.params, state, batch, classification_weight, True, rngs
+    )
+    return state.apply_gradients(grads=grads), metrics
+
+
+@jax.jit
+def eval_step(
+    state: TrainState, batch: Batch, classification_weight: float | jax.Array
+) -> dict[str, jax.Array]:
+    """Losses and metrics without dropout or update (same names as training).
+
+    Args:
+      state: `TrainState` of a `LocalizationModel`.
+      batch: `{"images": [b, h, w, c] float32, "labels": [b] int32}`.
+      classification_weight: scalar weight of the classification loss.
+
+    Returns:
+      The scalars of `compute_losses` and `compute_metrics`.
+    """
+    _, metrics = _compute_objective(
+        state.params, state, batch, classification_weight, False, None
+    )
+    return metrics
+
+
+def _copy_committed(state: TrainState) -> TrainState:
+    """A copy of `state`, committed to the devices its arrays are on.
+
+    The steps donate their input, so the copy keeps the caller's arrays alive.
+    Committing makes a fresh state look to `jit` like a restored one (Orbax
+    returns committed arrays, shaped like this copy when it is the restore
+    target); otherwise resuming in the same process would compile the steps a
+    second time.
+    """
+
+    def copy(x):
+        if not isinstance(x, jax.Array):
+            # e.g. `TrainState.create`'s Python int step: a strong int32 array,
+            # as a restored one.
+            x = jnp.asarray(np.asarray(x))
+        return jax.device_put(x, x.sharding, may_alias=False)
+
+    return jax.tree.map(copy, state)
+
+
+def _model_inputs(batch: Batch) -> dict[str, np.ndarray | jax.Array]:
+    # Frame ids are int64 bookkeeping the step never reads; leave them on the host.
+    return {"images": batch["images"], "labels": batch["labels"]}
+
+
+def _check_finite(
+    values: dict[str, dict[str, np.ndarray]], epoch: int, first_step: int
+) -> None:
+    """Raises `NonFiniteLossError` naming the epoch and steps of a bad loss."""
+    train_losses = values.get("train", {}).get("total_loss", np.array([]))
+    bad = np.flatnonzero(~np.isfinite(train_losses))
+    if bad.size:
+        raise NonFiniteLossError(
+            f"non-finite training loss in epoch {epoch}: first at step "
+            f"{first_step + bad[0]} ({bad.size} of steps {first_step}-"
+            f"{first_step + train_losses.size - 1}); this epoch was not "
+            "checkpointed, the last checkpoint (if any) is unchanged"
+        )
+    valid_losses = values.get("valid", {}).get("total_loss", np.array([]))
+    if not np.all(np.isfinite(valid_losses)):
+        raise NonFiniteLossError(
+            f"non-finite validation loss after epoch {epoch} (training steps "
+            f"{first_step}-{first_step + train_losses.size - 1}); this epoch was "
+            "not checkpointed, the last checkpoint (if any) is unchanged"
+        )
+
+
+def _check_arguments(
+    dataset_splits: dict[str, Dataset],
+    num_epochs: int,
+    batch_size: int,
+    eval_every: int,
+) -> None:
+    missing = {"train", "valid"} - set(dataset_splits)
+    if missing:
+        raise ValueError(f"dataset_splits needs the splits {sorted(missing)}")
+    if num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    if not 1 <= batch_size <= len(dataset_splits["train"]):
+        raise ValueError(
+            f"batch_size must be in [1, {len(dataset_splits['train'])}] (the train "
+            f"split's size, as the last partial batch is dropped), got {batch_size}"
+        )
+
+
+def train(
+    state: TrainState,
+    rng: jax.Array,
+    dataset_splits: dict[str, Dataset],
+    num_epochs: int,
+    batch_size: int,
+    classification_weight: float,
+    eval_every: int = 10,
+    store_path: str | os.PathLike | None = None,
+) -> tuple[TrainState, History]:
+    """Trains the VQ-VAE, optionally with the protein-id head, epoch by epoch.
+
+    Randomness comes from two keys split once from `rng`: `rng_data`, whose
+    `fold_in(rng_data, epoch)` orders the training batches of that epoch (the
+    dataset seeds a NumPy generator from it), and `rng_dropout`, which
+    `train_step` folds with the step number. Both depend only on the epoch and
+    step, so a resumed run repeats the randomness of an uninterrupted one.
+
+    The "valid" split is evaluated after epochs with `epoch % eval_every == 0`
+    and after the last epoch, in order and without dropping frames.
+
+    With `store_path`, an Orbax checkpoint (state, epoch, metrics, run
+    configuration) is written after every epoch. Calling again with the same
+    configuration restores a finished run without training, or resumes an
+    interrupted one at the next epoch; a different configuration at the same
+    path raises `checkpoint.ConfigMismatchError` naming the fields.
+
+    Args:
+      state: initial `TrainState` (e.g. `model.create_train_state(...)`). Its
+        arrays are copied, not donated, so the caller's state stays usable.
+      rng: JAX key for data order and dropout.
+      dataset_splits: at least "train" and "valid" `Dataset`s.
+      num_epochs: passes over the training split.
+      batch_size: frames per step; the last partial training batch is dropped.
+      classification_weight: weight of the classification loss; 0 ablates the
+        head.
+      eval_every: validate every this many epochs.
+      store_path: folder for checkpoints, or None to keep nothing.
+
+    Returns:
+      `(state, metrics)`: the final state and `metrics[split][name]`, a list of
+      `{"mean", "std", "epoch"}` records, for "train" (every epoch) and "valid"
+      (evaluated epochs).
+
+    Raises:
+      NonFiniteLossError: a loss became NaN or infinite; the message names the
+        epoch and steps, and the last checkpoint on disk is left as it was.
+      checkpoint.ConfigMismatchError: `store_path` holds a different run.
+    """
+    _check_arguments(dataset_splits, num_epochs, batch_size, eval_every)
+    state = _copy_committed(state)
+    rng_data, rng_dropout = jax.random.split(rng)
+    weight = jnp.float32(classification_weight)
+    history = MetricsLogger()
+    start_epoch = 0
+    manager = None
+    try:
+        if store_path is not None:
+            config = checkpoint.build_run_config(
+                state,
+                rng,
+                dataset_splits,
+                num_epochs=num_epochs,
+                batch_size=batch_size,
+                classification_weight=classification_weight,
+                eval_every=eval_every,
+            )
+            manager = checkpoint.open_manager(store_path)
+            resumed = checkpoint.restore_run(manager, state, config)
+            if resumed is not None:
+                state = resumed.state
+                history = MetricsLogger(resumed.metrics)
+                start_epoch = resumed.epoch + 1
+                if start_epoch >= num_epochs:
+                    logger.info("restored the finished run in %s", store_path)
+                    return state, history.export()
+                logger.info("resuming %s at epoch %d", store_path, start_epoch)
+
+        epochs = tqdm(
+            range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs
+        )
+        for epoch in epochs:
+            epochs.set_description(f"Epoch {epoch + 1}")
+            first_step = int(state.step)
+            for batch in dataset_splits["train"].get_batches(
+                jax.random.fold_in(rng_data, epoch), batch_size
+            ):
+                state, metrics = train_step(
+                    state, _model_inputs(batch), rng_dropout, weight
+                )
+                history.log_step("train", metrics, weight=len(batch["labels"]))
+
+            if epoch % eval_every == 0 or epoch == num_epochs - 1:
+                for batch in dataset_splits["valid"].get_batches(
+                    rng_data, batch_size, shuffle=False, drop_remainder=False
+                ):
+                    metrics = eval_step(state, _model_inputs(batch), weight)
+                    history.log_step("valid", metrics, weight=len(batch["labels"]))
+
+            _check_finite(history.flush(epoch), epoch, first_step)
+            epochs.set_postfix_str(history.latest(["total_loss"]))
+            if manager is not None:
+                checkpoint.save_epoch(manager, state, epoch, config, history.export())
+    finally:
+        if manager is not None:
+            manager.close()
+    return state, history.export()

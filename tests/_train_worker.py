@@ -1,0 +1,110 @@
+"""A tiny, fully seeded training run, shared by the checkpoint tests.
+
+Run as a script it trains into a store path, so a test can kill the process
+mid-run and start it again:
+
+    python tests/_train_worker.py STORE_PATH [--seconds-per-batch 0.2]
+"""
+
+import argparse
+import logging
+import time
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+import optax
+
+from dlfb_localization.dataset import Dataset
+from dlfb_localization.metrics import History
+from dlfb_localization.model import LocalizationModel
+from dlfb_localization.train import TrainState, train
+
+NUM_EPOCHS = 6
+BATCH_SIZE = 8
+TRAIN_FRAMES = 24  # three steps per epoch
+EVAL_EVERY = 2
+MODEL = LocalizationModel(
+    num_classes=4,
+    embedding_dim=8,
+    num_embeddings=16,
+    commitment_cost=0.25,
+    # Nonzero, so that resuming has to repeat the dropout masks.
+    dropout_rate=0.1,
+    classification_head_layers=2,
+)
+# One optimizer object for every run in a process: a new one recompiles the step.
+TX = optax.adam(1e-3)
+
+
+def make_splits() -> dict[str, Dataset]:
+    """Random 16x16x1 crops of 4 proteins; valid has a partial last batch."""
+    rng = np.random.default_rng(0)
+    splits = {}
+    for name, n in (("train", TRAIN_FRAMES), ("valid", 10)):
+        images = rng.random((n, 16, 16, 1), dtype=np.float32)
+        splits[name] = Dataset.from_arrays(images, np.arange(n) % 4)
+    return splits
+
+
+class SlowBatches:
+    """A dataset whose batches take `seconds_per_batch` longer (same content)."""
+
+    def __init__(self, dataset: Dataset, seconds_per_batch: float):
+        self._dataset = dataset
+        self._seconds_per_batch = seconds_per_batch
+
+    def __getattr__(self, name):
+        return getattr(self._dataset, name)
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def get_batches(self, *args, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+        for batch in self._dataset.get_batches(*args, **kwargs):
+            time.sleep(self._seconds_per_batch)
+            yield batch
+
+
+def make_state(seed: int = 0, tx: optax.GradientTransformation = TX) -> TrainState:
+    dummy_input = np.zeros((1, 16, 16, 1), dtype=np.float32)
+    return MODEL.create_train_state(jax.random.key(seed), dummy_input, tx)
+
+
+def run(
+    store_path,
+    *,
+    splits: dict | None = None,
+    state: TrainState | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> tuple[TrainState, History]:
+    """Trains the reference run (seeded) into `store_path`."""
+    return train(
+        state=make_state() if state is None else state,
+        rng=jax.random.key(1),
+        dataset_splits=make_splits() if splits is None else splits,
+        num_epochs=NUM_EPOCHS,
+        batch_size=batch_size,
+        classification_weight=1.0,
+        eval_every=EVAL_EVERY,
+        store_path=store_path,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("store_path")
+    parser.add_argument("--seconds-per-batch", type=float, default=0.0)
+    args = parser.parse_args()
+    # The library's own logger only (absl already configured the root logger).
+    library_logger = logging.getLogger("dlfb_localization")
+    library_logger.addHandler(logging.StreamHandler())
+    library_logger.setLevel(logging.INFO)
+    splits = make_splits()
+    if args.seconds_per_batch:
+        splits["train"] = SlowBatches(splits["train"], args.seconds_per_batch)
+    run(args.store_path, splits=splits)
+
+
+if __name__ == "__main__":
+    main()

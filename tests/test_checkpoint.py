@@ -1,0 +1,280 @@
+"""Checkpointed training: restore, resume after a kill, refuse the wrong run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _train_worker as worker
+import jax
+import numpy as np
+import optax
+import pytest
+from orbax.checkpoint._src.path import atomicity
+
+from dlfb_localization import checkpoint
+from dlfb_localization import train as train_module
+from dlfb_localization.checkpoint import ConfigMismatchError
+from dlfb_localization.model import LocalizationModel
+from dlfb_localization.train import NonFiniteLossError
+
+WORKER = Path(__file__).with_name("_train_worker.py")
+REPO = Path(__file__).resolve().parent.parent
+STEPS_PER_EPOCH = worker.TRAIN_FRAMES // worker.BATCH_SIZE
+FINAL_STEP = worker.NUM_EPOCHS * STEPS_PER_EPOCH
+
+
+def _finalized_steps(path: Path) -> list[int]:
+    if not path.exists():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+
+
+def _assert_same_tree(a, b) -> None:
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _assert_same_run(state, metrics, reference_state, reference_metrics) -> None:
+    assert int(state.step) == int(reference_state.step) == FINAL_STEP
+    _assert_same_tree(state.params, reference_state.params)  # bitwise
+    _assert_same_tree(state.opt_state, reference_state.opt_state)
+    assert metrics == reference_metrics
+
+
+def _forbid_training(monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("a step ran, but the run should have been restored")
+
+    monkeypatch.setattr(train_module, "train_step", fail)
+    monkeypatch.setattr(train_module, "eval_step", fail)
+
+
+def _snapshot(path: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: (store_path, state, metrics)."""
+    store_path = tmp_path_factory.mktemp("reference")
+    state, metrics = worker.run(store_path)
+    return store_path, state, metrics
+
+
+def test_finished_run_is_restored_without_training(reference, monkeypatch):
+    store_path, reference_state, reference_metrics = reference
+    _forbid_training(monkeypatch)
+
+    state, metrics = worker.run(store_path)
+
+    _assert_same_run(state, metrics, reference_state, reference_metrics)
+    assert [r["epoch"] for r in metrics["valid"]["recon_loss"]] == [0, 2, 4, 5]
+
+
+def test_checkpoint_restores_into_a_differently_seeded_state(reference):
+    store_path, reference_state, reference_metrics = reference
+    manager = checkpoint.open_manager(store_path)
+    try:
+        step = manager.latest_step()
+        state = checkpoint.restore_state(manager, step, worker.make_state(seed=7))
+        meta = checkpoint.read_meta(manager, step)
+    finally:
+        manager.close()
+
+    assert step == FINAL_STEP
+    _assert_same_tree(state.params, reference_state.params)
+    _assert_same_tree(state.opt_state, reference_state.opt_state)
+    images = worker.make_splits()["valid"].images.frames[:4]
+    outputs = [
+        jax.jit(
+            lambda p: worker.MODEL.apply(
+                {"params": p}, images, False, method=LocalizationModel.compute_outputs
+            )
+        )(s.params)
+        for s in (state, reference_state)
+    ]
+    _assert_same_tree(*outputs)
+    # The metadata is plain JSON on disk, holding the config and the metrics.
+    on_disk = json.loads((store_path / str(step) / "meta" / "metadata").read_text())
+    assert on_disk == meta
+    assert meta["epoch"] == worker.NUM_EPOCHS - 1
+    assert meta["metrics"] == reference_metrics
+    assert meta["config"]["model"]["dropout_rate"] == worker.MODEL.dropout_rate
+    assert meta["config"]["batch_size"] == worker.BATCH_SIZE
+    assert meta["config"]["input_shape"] == [16, 16, 1]
+
+
+def test_run_resumes_after_a_kill_and_ends_identical(
+    reference, tmp_path, tmp_path_factory
+):
+    store_path = tmp_path / "killed"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "JAX_PLATFORMS": "cpu",
+        # The second process reuses the first one's compiled steps.
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+    }
+    command = [sys.executable, str(WORKER), str(store_path)]
+    slow = subprocess.Popen(
+        [*command, "--seconds-per-batch", "0.3"],
+        env=env,
+        # Not a pipe: nobody reads it while the process runs, and a full pipe
+        # would block it.
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _finalized_steps(store_path) and slow.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        slow.send_signal(signal.SIGKILL)
+        slow.wait(timeout=30)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    assert slow.returncode == -signal.SIGKILL
+    assert 0 < _finalized_steps(store_path)[-1] < FINAL_STEP
+
+    finished = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "resuming" in finished.stderr
+    _, reference_state, reference_metrics = reference
+    with pytest.MonkeyPatch.context() as patch:
+        _forbid_training(patch)
+        state, metrics = worker.run(store_path)
+    _assert_same_run(state, metrics, reference_state, reference_metrics)
+
+
+def test_a_crash_before_a_save_is_finalized_leaves_the_previous_one(
+    reference, tmp_path, monkeypatch
+):
+    store_path = tmp_path / "crashed"
+    crash_step = 3 * STEPS_PER_EPOCH  # the save after epoch 2
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def crash_at_rename(self, *args, **kwargs):
+        # All data are written into `<step>.orbax-checkpoint-tmp`; the rename into
+        # `<step>` is what makes a step visible. Fail just before it.
+        if self.get_final() == store_path / str(crash_step):
+            raise OSError("simulated crash before the rename")
+        return await finalize(self, *args, **kwargs)
+
+    monkeypatch.setattr(
+        atomicity.AtomicRenameTemporaryPath, "finalize", crash_at_rename
+    )
+    with pytest.raises(OSError, match="simulated crash"):
+        worker.run(store_path)
+    monkeypatch.undo()
+    # Epochs 0 and 1 are finalized; epoch 2's save stayed a temporary folder.
+    assert sorted(p.name for p in store_path.iterdir()) == [
+        str(crash_step - 2 * STEPS_PER_EPOCH),
+        str(crash_step - STEPS_PER_EPOCH),
+        f"{crash_step}.orbax-checkpoint-tmp",
+    ]
+
+    state, metrics = worker.run(store_path)
+
+    _, reference_state, reference_metrics = reference
+    _assert_same_run(state, metrics, reference_state, reference_metrics)
+    assert not any("tmp" in p.name for p in store_path.iterdir())
+
+
+def test_a_different_configuration_is_refused_by_name(reference):
+    store_path, _, _ = reference
+    before = _snapshot(store_path)
+
+    with pytest.raises(ConfigMismatchError, match="batch_size: stored 8, now 4"):
+        worker.run(store_path, batch_size=4)
+    with pytest.raises(ConfigMismatchError, match="init_params"):
+        worker.run(store_path, state=worker.make_state(seed=3))
+    with pytest.raises(ConfigMismatchError, match=r"optimizer\.probe_update"):
+        worker.run(store_path, state=worker.make_state(tx=optax.adam(1e-2)))
+    splits = worker.make_splits()
+    splits["valid"] = splits["train"]
+    with pytest.raises(ConfigMismatchError, match=r"data\.valid"):
+        worker.run(store_path, splits=splits)
+
+    assert _snapshot(store_path) == before
+
+
+def test_rounding_differences_from_another_backend_are_tolerated():
+    state = worker.make_state()
+    splits = worker.make_splits()
+    arguments = dict(
+        num_epochs=2, batch_size=8, classification_weight=1.0, eval_every=1
+    )
+    stored = checkpoint.build_run_config(state, jax.random.key(1), splits, **arguments)
+    # Every weight one float32 ulp away, as a GPU's init might be.
+    nudged = state.replace(
+        params=jax.tree.map(lambda x: np.nextafter(x, np.inf), state.params)
+    )
+    other_seed = worker.make_state(seed=1)
+
+    nudged_config = checkpoint.build_run_config(
+        nudged, jax.random.key(1), splits, **arguments
+    )
+    other_config = checkpoint.build_run_config(
+        other_seed, jax.random.key(1), splits, **arguments
+    )
+
+    assert nudged_config["init_params"]["sha256"] != stored["init_params"]["sha256"]
+    assert checkpoint.find_config_differences(stored, nudged_config) == []
+    differences = checkpoint.find_config_differences(stored, other_config)
+    assert [d.split(":")[0] for d in differences] == ["init_params"]
+
+
+class _NanBatches(worker.SlowBatches):
+    """Makes one batch's images NaN: batch `batch` of the `call`-th epoch."""
+
+    def __init__(self, dataset, call: int, batch: int):
+        super().__init__(dataset, seconds_per_batch=0.0)
+        self._calls, self._bad_call, self._bad_batch = 0, call, batch
+
+    def get_batches(self, *args, **kwargs):
+        call, self._calls = self._calls, self._calls + 1
+        for i, batch in enumerate(super().get_batches(*args, **kwargs)):
+            if (call, i) == (self._bad_call, self._bad_batch):
+                batch = {**batch, "images": np.full_like(batch["images"], np.nan)}
+            yield batch
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
+    store_path = tmp_path / "diverged"
+    splits = worker.make_splits()
+    clean_train = splits["train"]
+    # NaN in the second batch of epoch 1: step 3 + 1.
+    splits["train"] = _NanBatches(clean_train, call=1, batch=1)
+
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1: first at step 4 .*3-5"):
+        worker.run(store_path, splits=splits)
+
+    assert _finalized_steps(store_path) == [STEPS_PER_EPOCH]
+    assert sorted(p.name for p in store_path.iterdir()) == [str(STEPS_PER_EPOCH)]
+    before = _snapshot(store_path)
+    # Resuming replays epoch 1 (now the first call) and fails the same way.
+    splits["train"] = _NanBatches(clean_train, call=0, batch=1)
+    with pytest.raises(NonFiniteLossError, match="epoch 1"):
+        worker.run(store_path, splits=splits)
+    assert _snapshot(store_path) == before
+    manager = checkpoint.open_manager(store_path)
+    try:
+        kept = checkpoint.restore_state(manager, STEPS_PER_EPOCH, worker.make_state())
+    finally:
+        manager.close()
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(kept.params))

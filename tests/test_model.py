@@ -1,0 +1,184 @@
+"""The chapter's architecture: shapes, named outputs, and where gradients flow."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dlfb_localization.model import LocalizationModel
+from dlfb_localization.model.quantizer import lookup_codes
+from dlfb_localization.train import compute_losses
+
+TINY = dict(
+    num_classes=4,
+    embedding_dim=8,
+    num_embeddings=16,
+    commitment_cost=0.25,
+    dropout_rate=0.0,
+    classification_head_layers=2,
+)
+CHAPTER = dict(
+    num_classes=50,
+    embedding_dim=64,
+    num_embeddings=512,
+    commitment_cost=0.25,
+    dropout_rate=0.45,
+    classification_head_layers=2,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = LocalizationModel(**TINY)
+    state = model.create_train_state(
+        jax.random.key(0), np.zeros((1, 16, 16, 1), np.float32), optax.adam(1e-3)
+    )
+    images = np.random.default_rng(0).random((4, 16, 16, 1), dtype=np.float32)
+    return model, state.params, images
+
+
+def _abstract_outputs(config: dict, input_shape: tuple[int, ...]):
+    """Output shapes of init + forward, traced without compiling or computing."""
+    model = LocalizationModel(**config)
+    x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+
+    def forward(rng, x):
+        variables = model.init(rng, x[:1], is_training=False)
+        outputs = model.apply(
+            variables, x, is_training=False, method=LocalizationModel.compute_outputs
+        )
+        return variables["params"], outputs
+
+    return jax.eval_shape(forward, jax.random.key(0), x)
+
+
+def test_chapter_shapes():
+    params, outputs = _abstract_outputs(CHAPTER, (2, 100, 100, 1))
+
+    assert params["vector_quantizer"]["codebook"].shape == (64, 512)
+    assert outputs.vq.quantized.shape == (2, 25, 25, 64)
+    assert outputs.vq.indices.shape == (2, 25, 25)
+    assert outputs.decoded.shape == (2, 100, 100, 1)
+    assert outputs.logits.shape == (2, 50)
+    # Flattened 25 x 25 x 64 latents -> 1000 hidden units -> 50 classes.
+    head = params["classification_head"]
+    assert head["Dense_0"]["kernel"].shape == (25 * 25 * 64, 1000)
+    assert head["Dense_1"]["kernel"].shape == (1000, 50)
+    encoder = params["encoder"]
+    assert encoder["conv1"]["kernel"].shape == (4, 4, 1, 32)
+    assert encoder["conv2"]["kernel"].shape == (4, 4, 32, 64)
+    assert params["decoder"]["upsample1"]["conv"]["kernel"].shape == (3, 3, 64, 32)
+
+
+def test_decoder_output_channels_follow_the_input():
+    _, outputs = _abstract_outputs(TINY, (2, 16, 16, 3))
+
+    assert outputs.decoded.shape == (2, 16, 16, 3)
+
+
+def test_one_head_layer_is_a_single_dense():
+    params, _ = _abstract_outputs(
+        {**TINY, "classification_head_layers": 1}, (2, 16, 16, 1)
+    )
+
+    assert set(params["classification_head"]) == {"Dense_0"}
+    assert params["classification_head"]["Dense_0"]["kernel"].shape == (4 * 4 * 8, 4)
+
+
+def test_call_returns_the_chapter_tuple(tiny):
+    model, params, images = tiny
+
+    @jax.jit
+    def both(x):
+        variables = {"params": params}
+        outputs = model.apply(
+            variables, x, is_training=False, method=LocalizationModel.compute_outputs
+        )
+        return model.apply(variables, x, is_training=False), outputs
+
+    (decoded, perplexity, codebook_loss, commitment_loss, logits), outputs = both(
+        images
+    )
+
+    np.testing.assert_array_equal(decoded, outputs.decoded)
+    np.testing.assert_array_equal(logits, outputs.logits)
+    assert perplexity == outputs.vq.perplexity
+    assert codebook_loss == outputs.vq.codebook_loss
+    assert commitment_loss == outputs.vq.commitment_loss
+    assert 1.0 <= float(perplexity) <= TINY["num_embeddings"]
+
+
+def test_encoding_indices_look_up_the_forward_latents(tiny):
+    model, params, images = tiny
+
+    @jax.jit
+    def both(x):
+        apply = functools.partial(model.apply, {"params": params})
+        outputs = apply(x, is_training=False, method=LocalizationModel.compute_outputs)
+        return apply(x, method=LocalizationModel.get_encoding_indices), outputs
+
+    indices, outputs = both(images)
+
+    assert indices.shape == (4, 4, 4)
+    np.testing.assert_array_equal(indices, outputs.vq.indices)
+    codebook = params["vector_quantizer"]["codebook"]
+    # The decoder saw exactly these codes: the straight-through output is bit-equal.
+    np.testing.assert_array_equal(lookup_codes(indices, codebook), outputs.vq.quantized)
+
+
+def test_gradients_flow_where_the_paper_says(tiny):
+    model, params, images = tiny
+    batch = {"images": images, "labels": np.arange(4, dtype=np.int32)}
+
+    @jax.jit
+    def loss_terms(params):
+        outputs = model.apply(
+            {"params": params},
+            images,
+            is_training=False,
+            method=LocalizationModel.compute_outputs,
+        )
+        losses = compute_losses(outputs, batch, classification_weight=0.0)
+        names = ("recon_loss", "codebook_loss", "commitment_loss")
+        return {name: losses[name] for name in names} | {
+            "ablated_total": losses["total_loss"],
+            "classification_loss": losses["classification_loss"],
+        }
+
+    grads = jax.jacrev(loss_terms)(params)
+
+    def nonzero(tree) -> bool:
+        return any(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(tree))
+
+    codebook = {name: g["vector_quantizer"] for name, g in grads.items()}
+    encoder = {name: g["encoder"] for name, g in grads.items()}
+    head = {name: g["classification_head"] for name, g in grads.items()}
+    # The codebook learns from the codebook loss only (straight-through output).
+    assert nonzero(codebook["codebook_loss"])
+    for name in ("recon_loss", "commitment_loss", "classification_loss"):
+        assert not nonzero(codebook[name]), name
+    # The encoder learns from reconstruction and commitment, not the codebook loss.
+    assert nonzero(encoder["recon_loss"])
+    assert nonzero(encoder["commitment_loss"])
+    assert not nonzero(encoder["codebook_loss"])
+    # With classification_weight=0 the head is ablated, though its loss exists.
+    assert nonzero(head["classification_loss"])
+    assert not nonzero(head["ablated_total"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("embedding_dim", 7),
+        ("num_embeddings", 0),
+        ("dropout_rate", 1.0),
+        ("classification_head_layers", 0),
+        ("commitment_cost", -0.1),
+    ],
+)
+def test_invalid_hyperparameters_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        LocalizationModel(**{**TINY, field: value})

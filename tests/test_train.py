@@ -1,0 +1,194 @@
+"""The jitted steps and the epoch loop (without checkpoints)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dlfb_localization import train as train_module
+from dlfb_localization.dataset import Dataset
+from dlfb_localization.model import LocalizationModel
+from dlfb_localization.train import eval_step, train, train_step
+
+# No dropout, so that training and evaluation compute the same forward pass.
+MODEL = LocalizationModel(
+    num_classes=4,
+    embedding_dim=8,
+    num_embeddings=16,
+    commitment_cost=0.25,
+    dropout_rate=0.0,
+    classification_head_layers=2,
+)
+# One optimizer object for the whole module: a new one recompiles the step.
+TX = optax.adam(3e-3)
+WEIGHT = jnp.float32(1.0)
+NO_WEIGHT = jnp.float32(0.0)
+
+
+def make_state(seed: int = 0):
+    dummy_input = np.zeros((1, 16, 16, 1), dtype=np.float32)
+    return MODEL.create_train_state(jax.random.key(seed), dummy_input, TX)
+
+
+def make_batch(n: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "images": rng.random((n, 16, 16, 1), dtype=np.float32),
+        "labels": (np.arange(n) % 4).astype(np.int32),
+    }
+
+
+def test_thirty_steps_on_one_batch_halve_the_loss_with_one_trace(monkeypatch):
+    traces = []
+    original = train_module.compute_losses
+
+    def counting_compute_losses(*args, **kwargs):
+        traces.append(1)  # runs only while tracing
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "compute_losses", counting_compute_losses)
+    train_step.clear_cache()
+    state, batch, rng = make_state(), make_batch(), jax.random.key(0)
+
+    losses = []
+    for _ in range(30):
+        state, metrics = train_step(state, batch, rng, WEIGHT)
+        losses.append(float(metrics["total_loss"]))
+
+    assert len(traces) == 1
+    assert int(state.step) == 30
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_zero_classification_weight_leaves_the_head_untouched():
+    state, batch, rng = make_state(), make_batch(), jax.random.key(0)
+    before = jax.device_get(state.params)
+
+    for _ in range(3):
+        state, metrics = train_step(state, batch, rng, NO_WEIGHT)
+
+    after = jax.device_get(state.params)
+    # Adam turns a zero gradient into a zero update, so the head stays bit-equal.
+    for old, new in zip(
+        jax.tree.leaves(before["classification_head"]),
+        jax.tree.leaves(after["classification_head"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(old, new)
+    assert not np.array_equal(
+        before["encoder"]["conv1"]["kernel"], after["encoder"]["conv1"]["kernel"]
+    )
+    # The unweighted classification loss is still reported, not in the total.
+    assert float(metrics["classification_loss"]) > 0.5
+    np.testing.assert_allclose(
+        metrics["total_loss"],
+        metrics["recon_loss"] + metrics["codebook_loss"] + metrics["commitment_loss"],
+        rtol=1e-6,
+    )
+
+
+def test_eval_and_train_compute_the_same_losses_without_dropout():
+    state, batch = make_state(), make_batch()
+
+    outputs = jax.jit(
+        lambda p, x: MODEL.apply(
+            {"params": p},
+            x,
+            is_training=False,
+            method=LocalizationModel.compute_outputs,
+        )
+    )(state.params, batch["images"])
+    evaluated = jax.device_get(eval_step(state, batch, WEIGHT))
+    _, trained = train_step(state, batch, jax.random.key(0), WEIGHT)  # donates state
+    trained = jax.device_get(trained)
+
+    assert set(evaluated) == {
+        "total_loss",
+        "recon_loss",
+        "codebook_loss",
+        "commitment_loss",
+        "classification_loss",
+        "perplexity",
+        "accuracy",
+        "codebook_used_fraction",
+        "codebook_max_share",
+    }
+    assert set(trained) == set(evaluated)
+    for name in evaluated:
+        np.testing.assert_allclose(
+            evaluated[name], trained[name], rtol=1e-6, err_msg=name
+        )
+    # Mean squared error (not the book's half of it in evaluation).
+    mse = np.mean((np.asarray(outputs.decoded) - batch["images"]) ** 2)
+    np.testing.assert_allclose(evaluated["recon_loss"], mse, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    rng = np.random.default_rng(1)
+    return {
+        "train": Dataset.from_arrays(
+            rng.random((16, 16, 16, 1), dtype=np.float32), np.arange(16) % 4
+        ),
+        # 10 frames in batches of 8: the last validation batch holds 2.
+        "valid": Dataset.from_arrays(
+            rng.random((10, 16, 16, 1), dtype=np.float32), np.arange(10) % 4
+        ),
+    }
+
+
+def test_train_records_every_epoch_and_validates_on_schedule(splits):
+    initial = make_state()
+
+    state, metrics = train(
+        initial,
+        jax.random.key(1),
+        splits,
+        num_epochs=4,
+        batch_size=8,
+        classification_weight=1.0,
+        eval_every=2,
+    )
+
+    assert int(state.step) == 4 * 2
+    assert set(metrics) == {"train", "valid"}
+    assert [r["epoch"] for r in metrics["train"]["total_loss"]] == [0, 1, 2, 3]
+    # epoch % eval_every == 0, plus the last epoch.
+    assert [r["epoch"] for r in metrics["valid"]["total_loss"]] == [0, 2, 3]
+    for split in metrics.values():
+        assert set(split) >= {"recon_loss", "perplexity", "codebook_used_fraction"}
+        for records in split.values():
+            assert all(set(r) == {"mean", "std", "epoch"} for r in records)
+    # Training moved on; the caller's state was copied, not donated.
+    assert float(jnp.abs(initial.params["encoder"]["conv1"]["kernel"]).sum()) > 0
+    assert (
+        metrics["train"]["total_loss"][-1]["mean"]
+        < (metrics["train"]["total_loss"][0]["mean"])
+    )
+
+    # Validation saw every frame once: its frame-weighted mean equals one pass
+    # over all 10 frames.
+    valid = splits["valid"]
+    whole = next(
+        valid.get_batches(None, len(valid), shuffle=False, drop_remainder=False)
+    )
+    expected = eval_step(state, {k: whole[k] for k in ("images", "labels")}, 1.0)
+    for name in ("recon_loss", "classification_loss", "accuracy"):
+        np.testing.assert_allclose(
+            metrics["valid"][name][-1]["mean"], expected[name], rtol=1e-5, err_msg=name
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_epochs": 0}, "num_epochs"),
+        ({"eval_every": 0}, "eval_every"),
+        ({"batch_size": 17}, "batch_size"),
+    ],
+)
+def test_bad_arguments_are_named(splits, kwargs, message):
+    arguments = dict(num_epochs=1, batch_size=8, classification_weight=1.0)
+    with pytest.raises(ValueError, match=message):
+        train(make_state(), jax.random.key(0), splits, **(arguments | kwargs))
