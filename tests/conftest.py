@@ -8,19 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dlfb_localization.dataset.sources import LABEL_COLUMNS
+
 matplotlib.use("Agg")
 # One device and no preallocation keep tests fast and isolated on a 2-core CPU.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-HEADER = [
-    "ensg",
-    "name",
-    "loc_grade1",
-    "loc_grade2",
-    "loc_grade3",
-    "protein_id",
-    "FOV_id",
-]
 LOCS = [
     "er",
     "mitochondria;cytoplasmic",
@@ -63,7 +56,7 @@ def write_tiny_release(
                     }
                 )
             fov += 1
-    labels = pd.DataFrame(rows, columns=HEADER)
+    labels = pd.DataFrame(rows, columns=list(LABEL_COLUMNS))
     images = rng.random((len(labels), size, size, 4), dtype=np.float32)
     path.mkdir(parents=True, exist_ok=True)
     for i, idx in enumerate(np.array_split(np.arange(len(labels)), n_blocks)):

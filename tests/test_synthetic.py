@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from dlfb_localization.dataset import synthetic
+from dlfb_localization.dataset.localizations import LOCALIZATIONS_OF_INTEREST
 from dlfb_localization.dataset.synthetic import (
     LABEL_COLUMNS,
     PATTERNS,
@@ -17,17 +18,6 @@ from dlfb_localization.dataset.synthetic import (
     write_sample_format,
 )
 
-CHAPTER_NINE = (
-    "mitochondria",
-    "cytoplasmic",
-    "er",
-    "golgi",
-    "vesicles",
-    "nucleoplasm",
-    "nuclear_membrane",
-    "chromatin",
-    "nucleolus_gc",
-)
 # Tiny but real-sized crops: 9 proteins (all of the chapter's nine), 2 FOVs each.
 TINY = SyntheticSpec(n_proteins=9, fovs_per_protein=2, crops_per_fov=2, n_blocks=3)
 
@@ -141,10 +131,10 @@ def test_localization_labels():
     )
     main = rows["loc_grade1"].str.split(";").str[0]
     assert set(main) <= set(PATTERNS)
-    assert set(CHAPTER_NINE) <= set(main)
+    assert set(LOCALIZATIONS_OF_INTEREST) <= set(main)
     # About three quarters on the chapter's nine, the rest on the extras.
-    assert 0.6 <= main.isin(CHAPTER_NINE).mean() <= 0.85
-    assert set(main) - set(CHAPTER_NINE)
+    assert 0.6 <= main.isin(LOCALIZATIONS_OF_INTEREST).mean() <= 0.85
+    assert set(main) - set(LOCALIZATIONS_OF_INTEREST)
     # Secondary localizations: exactly the requested share, all known names.
     secondary = rows["loc_grade1"].str.contains(";") | (rows["loc_grade2"] != "")
     secondary |= rows["loc_grade3"] != ""
@@ -157,7 +147,7 @@ def test_localization_labels():
 def test_nine_proteins_cover_the_chapters_nine():
     spec = SyntheticSpec(n_proteins=9, fovs_per_protein=1, crops_per_fov=1)
     main = {generate_protein(spec, i)[1]["loc_grade1"].iloc[0] for i in range(9)}
-    assert {m.split(";")[0] for m in main} == set(CHAPTER_NINE)
+    assert {m.split(";")[0] for m in main} == set(LOCALIZATIONS_OF_INTEREST)
 
 
 def _inside_outside(frames):

@@ -37,6 +37,9 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from dlfb_localization.dataset.localizations import LOCALIZATIONS_OF_INTEREST
+from dlfb_localization.dataset.sources import LABEL_COLUMNS
+
 __all__ = [
     "LABEL_COLUMNS",
     "PATTERNS",
@@ -47,17 +50,6 @@ __all__ = [
 ]
 
 # The nine localizations the chapter colours come first; the extras follow.
-_CHAPTER_PATTERNS = (
-    "mitochondria",
-    "cytoplasmic",
-    "er",
-    "golgi",
-    "vesicles",
-    "nucleoplasm",
-    "nuclear_membrane",
-    "chromatin",
-    "nucleolus_gc",
-)
 _EXTRA_PATTERNS = (
     "membrane",
     "centrosome",
@@ -65,17 +57,7 @@ _EXTRA_PATTERNS = (
     "cytoskeleton",
     "nucleolus_fc_dfc",
 )
-PATTERNS: tuple[str, ...] = _CHAPTER_PATTERNS + _EXTRA_PATTERNS
-
-LABEL_COLUMNS = (
-    "ensg",
-    "name",
-    "loc_grade1",
-    "loc_grade2",
-    "loc_grade3",
-    "protein_id",
-    "FOV_id",
-)
+PATTERNS: tuple[str, ...] = LOCALIZATIONS_OF_INTEREST + _EXTRA_PATTERNS
 
 # Plausible secondary localizations for each main one (what OpenCell annotates
 # together), so multi-localized proteins look like real ones rather than random mixes.
@@ -247,7 +229,7 @@ def _plan(spec: SyntheticSpec) -> tuple[_Protein, ...]:
     n = spec.n_proteins
     # ~75% on the chapter's nine, round-robin so all nine appear once n >= 9.
     n_chapter = min(n, max(9, round(0.75 * n)))
-    mains = [_CHAPTER_PATTERNS[i % 9] for i in range(n_chapter)]
+    mains = [LOCALIZATIONS_OF_INTEREST[i % 9] for i in range(n_chapter)]
     mains += [_EXTRA_PATTERNS[i % len(_EXTRA_PATTERNS)] for i in range(n - n_chapter)]
     # Shuffled, so protein order (and any split by protein) is not by localization.
     mains = [mains[i] for i in rng.permutation(n)]
