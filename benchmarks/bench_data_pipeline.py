@@ -40,8 +40,11 @@ def main() -> None:
     args = parser.parse_args()
 
     spec = SyntheticSpec(
-        n_proteins=math.ceil(args.frames / 200), fovs_per_protein=10, crops_per_fov=20,
-        n_blocks=10, seed=0,
+        n_proteins=math.ceil(args.frames / 200),
+        fovs_per_protein=10,
+        crops_per_fov=20,
+        n_blocks=10,
+        seed=0,
     )
     data = args.workdir / f"release_{spec.n_proteins}p"
     if not (data / "Label_data00.csv").exists():
