@@ -88,3 +88,31 @@ def test_unwritable_cache_folder_says_to_pass_cache_dir(tiny_release, tmp_path):
     not_a_folder.write_text("")  # mkdir fails here even for root
     with pytest.raises(PermissionError, match="cache_dir"):
         open_cache(path, cache_dir=not_a_folder / "cache")
+
+
+def test_float16_cache_is_half_the_size_and_batches_stay_float32(tiny_release):
+    path, images, _ = tiny_release
+    full = get_dataset(path)
+    half = get_dataset(path, cache_dtype="float16")
+    assert half.images.frames.dtype == np.float16
+    cache = path / "dlfb_cache"
+    data_bytes = images[..., :1].nbytes
+    assert (cache / "images_c0.npy").stat().st_size >= data_bytes
+    assert (cache / "images_c0_f16.npy").stat().st_size < data_bytes / 2 + 1024
+    batch16 = next(half.get_batches(None, 72, shuffle=False, drop_remainder=False))
+    batch32 = next(full.get_batches(None, 72, shuffle=False, drop_remainder=False))
+    assert batch16["images"].dtype == np.float32
+    np.testing.assert_allclose(batch16["images"], batch32["images"], rtol=1e-3)
+    assert not np.array_equal(batch16["images"], batch32["images"])
+    assert half.fingerprint != full.fingerprint
+
+
+def test_float16_overflow_is_an_error_not_inf(tiny_release):
+    path, images, _ = tiny_release
+    block = images[:36].copy()
+    block[2, 0, 0, 0] = 1e6
+    np.save(path / "Image_data00.npy", block)
+    with pytest.raises(ValueError, match=r"frame 2 .*beyond float16's range"):
+        open_cache(path, cache_dtype="float16")
+    with pytest.raises(ValueError, match="cache_dtype must be one of"):
+        open_cache(path, cache_dtype="bfloat16")

@@ -30,6 +30,7 @@ class DatasetBuilder:
       cache_dir: where to keep the cache (default `<data_path>/dlfb_cache`).
       trust_pickled_labels: allow unpickling the sample format's label files.
       progress: show a progress bar while building the cache.
+      cache_dtype: "float32" (default) or "float16", which halves the cache.
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class DatasetBuilder:
         cache_dir: str | os.PathLike | None = None,
         trust_pickled_labels: bool = False,
         progress: bool = False,
+        cache_dtype: str = "float32",
     ):
         frames, table, digest = open_cache(
             data_path,
@@ -49,6 +51,7 @@ class DatasetBuilder:
             force_recreate=force_recreate,
             trust_pickled_labels=trust_pickled_labels,
             progress=progress,
+            cache_dtype=cache_dtype,
         )
         self.images = Images(frames, digest)
         self.table = table

@@ -6,7 +6,9 @@ import numpy as np
 
 
 class Images:
-    """Frames `[n_frames, height, width, channels]` float32, indexed by frame id.
+    """Frames `[n_frames, height, width, channels]`, indexed by frame id.
+
+    float32, or float16 for a half-size cache; batches are float32 either way.
 
     Attributes:
       frames: the array; for the release, a read-only memmap of the cache.
@@ -19,8 +21,8 @@ class Images:
                 f"frames must be [n_frames, height, width, channels], got shape "
                 f"{frames.shape}; add a channel axis with images[..., None]"
             )
-        if frames.dtype != np.float32:
-            raise ValueError(f"frames must be float32, got {frames.dtype}")
+        if frames.dtype not in (np.float32, np.float16):
+            raise ValueError(f"frames must be float32 or float16, got {frames.dtype}")
         self.frames = frames
         if digest is None:
             digest = hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest()[
