@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from dlfb_localization import checkpoint
 from dlfb_localization.dataset import Dataset
+from dlfb_localization.dataset.prefetch import prefetch_to_device
 from dlfb_localization.metrics import History, MetricsLogger
 from dlfb_localization.model.vqvae import LocalizationModel, ModelOutputs
 
@@ -317,9 +318,11 @@ def train(
         for epoch in epochs:
             epochs.set_description(f"Epoch {epoch + 1}")
             first_step = int(state.step)
-            for batch in dataset_splits["train"].get_batches(
+            batches = dataset_splits["train"].get_batches(
                 jax.random.fold_in(rng_data, epoch), batch_size
-            ):
+            )
+            # Reads and host-to-device copies overlap with the running step.
+            for batch in prefetch_to_device(batches):
                 state, metrics = train_step(
                     state, _model_inputs(batch), rng_dropout, weight
                 )
