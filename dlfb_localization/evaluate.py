@@ -1,0 +1,580 @@
+"""Numbers for a model: localization k-NN, cluster score, codebook health, MSE.
+
+The chapter judges its models by looking at UMAPs and feature spectra. This
+module puts numbers beside those pictures, each with a baseline next to it:
+
+- Localization k-NN (accuracy and macro-F1) of frame and protein embeddings,
+  for the codebook-usage histograms, the mean quantized vectors and a raw-pixel
+  PCA baseline, plus the majority-class rate (chance).
+- cytoself's cluster score (Kobayashi et al. 2022) on a 2-D UMAP of each frame
+  embedding.
+- Codebook health over the split (perplexity, fraction of codes used, largest
+  code's share) and the reconstruction MSE.
+
+The pure metric functions (`predict_knn`, `score_knn`, `score_majority`,
+`knn_accuracy_ceiling`, `compute_cluster_score`, `compute_codebook_health`) take
+arrays and know nothing of models; `evaluate` is the glue. An untrained model
+is evaluated the same way, `evaluate(fresh_state, split)`, which gives the floor
+a trained model must beat.
+"""
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.training.train_state import TrainState
+from sklearn.decomposition import PCA
+from sklearn.metrics import f1_score
+from sklearn.neighbors import NearestNeighbors
+
+from dlfb_localization.dataset import Dataset
+from dlfb_localization.inspect.embeddings.utils import (
+    aggregate_by_protein,
+    frame_protein_ids,
+    get_frame_embeddings,
+    iterate_inference_batches,
+    protein_localizations,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EMBEDDING_METRICS",
+    "compute_cluster_score",
+    "compute_codebook_health",
+    "compute_pixel_pca",
+    "compute_reconstruction_mse",
+    "evaluate",
+    "knn_accuracy_ceiling",
+    "predict_knn",
+    "reconstruct",
+    "score_knn",
+    "score_majority",
+]
+
+# Distance used for each embedding, by k-NN and by the cluster score's UMAP.
+# Histograms: cosine. Every frame's histogram sums to h * w, so what tells frames
+# apart is the shape of their code usage, and cosine compares exactly that; it is
+# the usual choice for count vectors and, unlike correlation distance, is defined
+# for every non-zero vector. It also treats frame histograms and protein means
+# (which are averages) alike. Mean vectors and PCA scores are continuous features
+# whose magnitudes mean something, so they use Euclidean distance.
+EMBEDDING_METRICS = {
+    "codebook_histogram": "cosine",
+    "mean_quantized": "euclidean",
+    "pixels_pca": "euclidean",
+}
+# Label sets: every annotated localization, or the chapter's nine only.
+LABEL_SETS = ("all", "nine")
+PCA_COMPONENTS = 64
+# PCA is fitted on at most this many frames of the split (a seeded sample), so
+# the baseline's memory stays bounded on the full data set; all frames are
+# projected.
+PCA_MAX_FIT_FRAMES = 20_000
+UMAP_NEIGHBORS = 15
+UMAP_MIN_DIST = 0.1
+# Below this many frames a 2-D UMAP means nothing; the cluster score is None.
+_UMAP_MIN_FRAMES = 5
+
+
+def predict_knn(
+    features: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    *,
+    k: int = 5,
+    metric: str = "euclidean",
+) -> np.ndarray:
+    """Leave-one-group-out k-nearest-neighbour predictions.
+
+    Each sample is classified by majority vote of its `k` nearest samples from
+    *other* groups: with `groups` = protein ids, a frame's own protein never
+    votes, so the score measures localization rather than protein identity.
+    A tie goes to the tied class with the nearest neighbour.
+
+    Args:
+      features: `[n, d]` embeddings.
+      labels: `[n]` class labels (any sortable type).
+      groups: `[n]` group ids; samples of the same group never neighbour each
+        other. Pass `np.arange(n)` for plain leave-one-out.
+      k: neighbours per vote.
+      metric: any scikit-learn `NearestNeighbors` metric ("cosine",
+        "euclidean", "correlation", …).
+
+    Returns:
+      `[n]` predicted labels.
+
+    Raises:
+      ValueError: a sample has no neighbour outside its group.
+    """
+    features = np.asarray(features)
+    labels = np.asarray(labels)
+    groups = np.asarray(groups)
+    n = len(features)
+    if not len(labels) == len(groups) == n:
+        raise ValueError(
+            f"features, labels and groups must align: {n}, {len(labels)}, {len(groups)}"
+        )
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    _, group_index, group_sizes = np.unique(
+        groups, return_inverse=True, return_counts=True
+    )
+    # Among the k + (largest group) nearest, at least k are from other groups.
+    n_neighbors = min(n, k + int(group_sizes.max()))
+    search = NearestNeighbors(n_neighbors=n_neighbors, metric=metric, algorithm="brute")
+    _, neighbours = search.fit(features).kneighbors(features)
+    allowed = group_index[neighbours] != group_index[:, None]
+    keep = allowed & (np.cumsum(allowed, axis=1) <= k)
+    if not keep.any(axis=1).all():
+        raise ValueError("a sample has no neighbour outside its own group")
+
+    classes, codes = np.unique(labels, return_inverse=True)
+    neighbour_codes = codes[neighbours]
+    rows = np.arange(n)[:, None]
+    votes = np.zeros((n, len(classes)), dtype=np.int64)
+    np.add.at(
+        votes, (np.broadcast_to(rows, keep.shape)[keep], neighbour_codes[keep]), 1
+    )
+    tied = votes == votes.max(axis=1, keepdims=True)
+    # Neighbours are sorted by distance: the first kept one of a tied class wins.
+    first = np.argmax(keep & tied[rows, neighbour_codes], axis=1)
+    return classes[neighbour_codes[np.arange(n), first]]
+
+
+def _score_predictions(labels: np.ndarray, predictions: np.ndarray) -> dict:
+    return {
+        "accuracy": float(np.mean(predictions == labels)),
+        # Over the classes present in `labels`, each counting equally, so rare
+        # localizations weigh as much as the cytoplasm.
+        "macro_f1": float(
+            f1_score(
+                labels,
+                predictions,
+                labels=np.unique(labels),
+                average="macro",
+                zero_division=0,
+            )
+        ),
+    }
+
+
+def score_knn(
+    features: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    *,
+    k: int = 5,
+    metric: str = "euclidean",
+) -> dict[str, float]:
+    """Accuracy and macro-F1 of `predict_knn` (see there for the arguments).
+
+    Returns:
+      `{"accuracy", "macro_f1"}`, both in `[0, 1]`.
+    """
+    predictions = predict_knn(features, labels, groups, k=k, metric=metric)
+    return _score_predictions(np.asarray(labels), predictions)
+
+
+def score_majority(labels: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro-F1 of always predicting the most frequent class.
+
+    The chance level beside every k-NN score: a model that has learned nothing
+    about localization scores about this.
+    """
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    predictions = np.full(labels.shape, classes[np.argmax(counts)])
+    return _score_predictions(labels, predictions)
+
+
+def knn_accuracy_ceiling(labels: np.ndarray, groups: np.ndarray) -> float:
+    """The best accuracy leave-one-group-out k-NN can reach on these labels.
+
+    A sample can be classified correctly only if some other group has its
+    label: a localization held by one protein of the split is never predicted
+    once that protein's frames are excluded.
+
+    Args:
+      labels: `[n]` class labels.
+      groups: `[n]` group ids (e.g. protein ids).
+
+    Returns:
+      The fraction of samples whose label occurs in another group (NaN if none).
+    """
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    if len(labels) == 0:
+        return float("nan")
+    pairs = np.unique(np.stack([labels.astype(str), groups.astype(str)]), axis=1)
+    classes, groups_per_class = np.unique(pairs[0], return_counts=True)
+    shared = classes[groups_per_class >= 2]
+    return float(np.mean(np.isin(labels.astype(str), shared)))
+
+
+def compute_cluster_score(coordinates: np.ndarray, labels: np.ndarray) -> float:
+    """cytoself's cluster score of labelled points in 2-D (Kobayashi et al. 2022).
+
+    Per class, the centroid is the coordinate-wise median of its points and the
+    size is the median Euclidean distance of its points to that centroid. The
+    score is the standard deviation of all centroid coordinates pooled together
+    (the `[n_classes, 2]` array flattened, ddof 0) divided by the median class
+    size: large when classes are compact and far apart. It depends on the
+    layout only up to scale, but it is a property of one projection, so compare
+    scores of projections made the same way.
+
+    Args:
+      coordinates: `[n, 2]` points (e.g. a UMAP).
+      labels: `[n]` class of each point; leave out unlabelled points beforehand.
+
+    Returns:
+      The score; NaN with fewer than two classes or a median class size of 0.
+    """
+    coordinates = np.asarray(coordinates, dtype=np.float64)
+    labels = np.asarray(labels)
+    if len(coordinates) != len(labels):
+        raise ValueError(f"{len(coordinates)} points but {len(labels)} labels")
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        return float("nan")
+    centroids, sizes = [], []
+    for cls in classes:
+        points = coordinates[labels == cls]
+        centroid = np.median(points, axis=0)
+        centroids.append(centroid)
+        sizes.append(np.median(np.linalg.norm(points - centroid, axis=1)))
+    size = np.median(sizes)
+    return float(np.std(np.array(centroids)) / size) if size > 0 else float("nan")
+
+
+def compute_codebook_health(code_counts: np.ndarray) -> dict[str, float]:
+    """Perplexity, used fraction and largest share of codebook usage.
+
+    The definitions of `model.compute_code_usage`, applied to counts summed over
+    a whole split rather than one batch (so the split's perplexity is at least
+    any batch's).
+
+    Args:
+      code_counts: `[K]` how often each code was chosen (e.g. the column sums of
+        `frame_histograms`).
+
+    Returns:
+      `{"perplexity"` (exp of the usage entropy, in `[1, K]`), `"used_fraction"`
+      (codes chosen at least once), `"max_share"` (share of the busiest code),
+      `"num_embeddings"}`.
+    """
+    counts = np.asarray(code_counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.sum() <= 0:
+        raise ValueError("code_counts must be a [K] vector with a positive sum")
+    probs = counts / counts.sum()
+    nonzero = probs[probs > 0]
+    return {
+        "perplexity": float(np.exp(-np.sum(nonzero * np.log(nonzero)))),
+        "used_fraction": float(np.mean(counts > 0)),
+        "max_share": float(probs.max()),
+        "num_embeddings": len(counts),
+    }
+
+
+def _reconstruct(model, images: jax.Array) -> jax.Array:
+    vq = model.quantize(model.encode(images))
+    return model.decode(vq.quantized, out_channels=images.shape[-1])
+
+
+def reconstruct(state: TrainState, images: jax.Array) -> jax.Array:
+    """The model's reconstruction of `[b, h, w, c]` images (same shape)."""
+    return _reconstruct_jit(state.apply_fn, state.params, images)
+
+
+# Jitted over (apply_fn, params), not the TrainState, so that the optimizer (a
+# static field of the state) plays no part in compilation.
+@functools.partial(jax.jit, static_argnums=0)
+def _reconstruct_jit(apply_fn, params, images: jax.Array) -> jax.Array:
+    return apply_fn({"params": params}, images, method=_reconstruct)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _squared_errors(apply_fn, params, images: jax.Array) -> jax.Array:
+    decoded = apply_fn({"params": params}, images, method=_reconstruct)
+    return jnp.sum(jnp.square(decoded - images), axis=tuple(range(1, images.ndim)))
+
+
+def compute_reconstruction_mse(
+    state: TrainState, dataset_split: Dataset, batch_size: int = 256
+) -> float:
+    """Mean squared error over every pixel of every frame of the split.
+
+    The same definition as the training `recon_loss`, over the whole split
+    instead of one batch.
+    """
+    total, count = 0.0, 0
+    for batch, n in iterate_inference_batches(dataset_split, batch_size):
+        errors = np.asarray(
+            _squared_errors(state.apply_fn, state.params, batch["images"])
+        )[:n]
+        total += float(errors.astype(np.float64).sum())
+        count += n * int(np.prod(batch["images"].shape[1:]))
+    return total / count
+
+
+def compute_pixel_pca(
+    dataset_split: Dataset,
+    *,
+    n_components: int = PCA_COMPONENTS,
+    random_state: int = 0,
+    batch_size: int = 256,
+    max_fit_frames: int = PCA_MAX_FIT_FRAMES,
+) -> dict[str, np.ndarray]:
+    """The raw-pixel baseline: PCA scores of the flattened frames.
+
+    Args:
+      dataset_split: the frames; PCA is fitted on them (at most `max_fit_frames`
+        of them, sampled with `random_state`) and projects all of them.
+      n_components: at most this many components (fewer if the data has fewer).
+      random_state: seeds the fitting sample and scikit-learn's solver.
+      batch_size: frames per projection batch.
+      max_fit_frames: cap on the frames held in memory for fitting.
+
+    Returns:
+      `{"frame_ids": [n] int64, "features": [n, n_components] float32}` in
+      frame-id order.
+    """
+    frame_ids = dataset_split.labels.frame_ids
+    n = len(frame_ids)
+    generator = np.random.default_rng(random_state)
+    fit_ids = np.sort(
+        generator.choice(frame_ids, size=min(n, max_fit_frames), replace=False)
+    )
+    fit_images = dataset_split.images.frames[fit_ids].reshape(len(fit_ids), -1)
+    n_components = min(n_components, *fit_images.shape)
+    pca = PCA(n_components=n_components, random_state=random_state)
+    pca.fit(fit_images.astype(np.float32))
+    features = [
+        pca.transform(batch["images"][:count].reshape(count, -1))
+        for batch, count in iterate_inference_batches(dataset_split, batch_size)
+    ]
+    return {
+        "frame_ids": frame_ids.astype(np.int64),
+        "features": np.concatenate(features).astype(np.float32),
+    }
+
+
+def _project_2d(features: np.ndarray, metric: str, random_state: int) -> np.ndarray:
+    """A seeded 2-D UMAP (single-threaded, hence reproducible)."""
+    import umap  # numba compiles on first use; keep it off the import path
+
+    n_neighbors = max(2, min(UMAP_NEIGHBORS, len(features) - 1))
+    reducer = umap.UMAP(
+        n_components=2,
+        n_neighbors=n_neighbors,
+        min_dist=UMAP_MIN_DIST,
+        metric=metric,
+        random_state=random_state,
+        n_jobs=1,
+    )
+    return reducer.fit_transform(features)
+
+
+def _finite_or_none(value: float) -> float | None:
+    # JSON has no NaN; None (null) says "undefined" to every reader.
+    return value if np.isfinite(value) else None
+
+
+def evaluate(
+    state: TrainState,
+    dataset_split: Dataset,
+    *,
+    k: int = 5,
+    random_state: int = 0,
+    batch_size: int = 256,
+    out_path: str | os.PathLike | None = None,
+) -> dict:
+    """Localization k-NN, cluster score, codebook health and MSE of one split.
+
+    Labels. A frame's label is its protein's predominant localization (the first
+    name of its highest annotated grade, `loc_grade1` whenever it is filled);
+    frames of unannotated proteins are left out. Two label sets are scored:
+    "all" (every annotated localization is a class) and "nine" (only the
+    chapter's nine localizations of interest, other frames left out).
+
+    k-NN. Frame level: leave-one-protein-out, i.e. a frame's neighbours come
+    only from other proteins (frames of the same protein, even from other fields
+    of view, share its identity, and would make the score measure protein
+    identity). Protein level: each protein's mean embedding, leave-one-out (a
+    protein never neighbours itself). Distances are `EMBEDDING_METRICS`.
+    Embeddings: "codebook_histogram" (the chapter's), "mean_quantized", and
+    "pixels_pca" (PCA of the raw frames, the baseline); "majority_class" is
+    chance. A class held by a single protein of the split cannot be predicted
+    without that protein, so `labels[label_set]` gives each level's
+    `accuracy_ceiling` (`knn_accuracy_ceiling`); on small splits it is far
+    below 1.
+
+    Cluster score: `compute_cluster_score` on a seeded 2-D UMAP of all frames of
+    the split for each embedding (same distance as its k-NN), over the frames
+    whose predominant ("predominant") or only ("single") localization is one of
+    the nine.
+
+    Everything is deterministic given `random_state`. On a CPU, a split of tens
+    of thousands of frames takes minutes, mostly the three UMAPs.
+
+    Args:
+      state: `TrainState` of a `LocalizationModel`; a fresh one gives the
+        untrained floor.
+      dataset_split: the frames to evaluate (e.g. "valid").
+      k: neighbours in k-NN votes.
+      random_state: seeds PCA's fitting sample and solver, and UMAP.
+      batch_size: frames per device call.
+      out_path: if given, the result is also written there as JSON (through a
+        temporary file that is renamed into place).
+
+    Returns:
+      A JSON-ready dict: `n_frames`, `n_proteins`, `settings`,
+      `labels[label_set]` (class and sample counts, accuracy ceilings),
+      `knn[level][label_set][embedding]` = `{"accuracy", "macro_f1"}` (None if
+      fewer than two classes) with level "frame" or "protein",
+      `cluster_score[subset][embedding]` (None where undefined), `codebook`
+      (`compute_codebook_health`) and `reconstruction_mse`.
+    """
+    embeddings = get_frame_embeddings(state, dataset_split, batch_size)
+    pca = compute_pixel_pca(
+        dataset_split, random_state=random_state, batch_size=batch_size
+    )
+    frame_ids = embeddings["frame_ids"]
+    # The per-frame labels below are in the split's frame-id order; so are these.
+    assert np.array_equal(frame_ids, dataset_split.labels.frame_ids)
+    assert np.array_equal(pca["frame_ids"], frame_ids)
+    features = {
+        "codebook_histogram": embeddings["frame_histograms"].astype(np.float32),
+        "mean_quantized": embeddings["frame_vectors"],
+        "pixels_pca": pca["features"],
+    }
+    result: dict = {
+        "n_frames": len(frame_ids),
+        "n_proteins": dataset_split.labels.get_n_proteins(),
+        "settings": {
+            "k": k,
+            "random_state": random_state,
+            "frame_neighbours": "leave-one-protein-out",
+            "protein_neighbours": "leave-one-out",
+            "labels": "predominant localization (first name of loc_grade1)",
+            "metrics": dict(EMBEDDING_METRICS),
+            "pca_components": int(pca["features"].shape[1]),
+            "umap": {"n_neighbors": UMAP_NEIGHBORS, "min_dist": UMAP_MIN_DIST},
+        },
+        **_score_localization_knn(dataset_split, frame_ids, features, k),
+        "cluster_score": _score_clusters(dataset_split, features, random_state),
+        "codebook": compute_codebook_health(embeddings["frame_histograms"].sum(axis=0)),
+        "reconstruction_mse": compute_reconstruction_mse(
+            state, dataset_split, batch_size
+        ),
+    }
+    if out_path is not None:
+        _write_json(result, Path(out_path))
+    return result
+
+
+def _score_localization_knn(
+    dataset_split: Dataset,
+    frame_ids: np.ndarray,
+    features: Mapping[str, np.ndarray],
+    k: int,
+) -> dict[str, dict]:
+    """`{"labels": …, "knn": …}` of `evaluate` for frames and proteins."""
+    frame_proteins = frame_protein_ids(dataset_split, frame_ids)
+    protein_features = {}
+    for name, values in features.items():
+        protein_ids, protein_features[name] = aggregate_by_protein(
+            dataset_split, frame_ids, values
+        )
+    labels_info: dict[str, dict] = {}
+    knn: dict[str, dict] = {"frame": {}, "protein": {}}
+    for label_set in LABEL_SETS:
+        restrict = label_set == "nine"
+        frame_labels = dataset_split.labels.localizations(
+            "predominant", restrict=restrict
+        )
+        protein_labels = protein_localizations(
+            dataset_split, protein_ids, "predominant", restrict=restrict
+        )
+        frame_mask, protein_mask = frame_labels != "", protein_labels != ""
+        labels_info[label_set] = {
+            "n_classes": len(np.unique(frame_labels[frame_mask])),
+            "n_frames": int(frame_mask.sum()),
+            "n_proteins": int(protein_mask.sum()),
+            "frame_accuracy_ceiling": _finite_or_none(
+                knn_accuracy_ceiling(
+                    frame_labels[frame_mask], frame_proteins[frame_mask]
+                )
+            ),
+            "protein_accuracy_ceiling": _finite_or_none(
+                knn_accuracy_ceiling(
+                    protein_labels[protein_mask], protein_ids[protein_mask]
+                )
+            ),
+        }
+        knn["frame"][label_set] = _score_level(
+            features, frame_labels, frame_proteins, frame_mask, k
+        )
+        knn["protein"][label_set] = _score_level(
+            protein_features, protein_labels, protein_ids, protein_mask, k
+        )
+    return {"labels": labels_info, "knn": knn}
+
+
+def _score_level(
+    features: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    groups: np.ndarray,
+    mask: np.ndarray,
+    k: int,
+) -> dict[str, dict[str, float] | None]:
+    """k-NN scores of every embedding, and chance, on the labelled samples."""
+    labels, groups = labels[mask], groups[mask]
+    enough = len(np.unique(labels)) >= 2 and len(np.unique(groups)) >= 2
+    scores: dict[str, dict[str, float] | None] = {
+        name: score_knn(
+            values[mask], labels, groups, k=k, metric=EMBEDDING_METRICS[name]
+        )
+        if enough
+        else None
+        for name, values in features.items()
+    }
+    scores["majority_class"] = score_majority(labels) if enough else None
+    return scores
+
+
+def _score_clusters(
+    dataset_split: Dataset, features: Mapping[str, np.ndarray], random_state: int
+) -> dict[str, dict[str, float | None]]:
+    """`cluster_score[subset][embedding]` of `evaluate`."""
+    subsets = {
+        mode: dataset_split.labels.localizations(mode)
+        for mode in ("predominant", "single")
+    }
+    scores: dict[str, dict[str, float | None]] = {mode: {} for mode in subsets}
+    for name, values in features.items():
+        if len(values) < _UMAP_MIN_FRAMES:
+            for mode in subsets:
+                scores[mode][name] = None
+            continue
+        coordinates = _project_2d(values, EMBEDDING_METRICS[name], random_state)
+        for mode, labels in subsets.items():
+            mask = labels != ""
+            score = compute_cluster_score(coordinates[mask], labels[mask])
+            scores[mode][name] = _finite_or_none(score)
+    return scores
+
+
+def _write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    logger.info("wrote %s", path)

@@ -1,0 +1,149 @@
+"""Frame and protein embeddings, with their labels, in files any tool can read.
+
+`export_embeddings` writes three files that need neither this library nor
+pickle to load:
+
+- `<name>.npz`: NumPy arrays only (numbers, and text as fixed-width unicode),
+  so `np.load(path)` works with the default `allow_pickle=False`;
+- `<name>_frames.csv`: one row per frame, in the order of the `frame_*` arrays;
+- `<name>_proteins.csv`: one row per protein, in the order of the `protein_*`
+  arrays.
+
+For example, in a fresh Python session::
+
+    import numpy as np, pandas as pd
+    data = np.load("valid.npz")
+    frames = pd.read_csv("valid_frames.csv")
+    X = data["protein_histograms"]             # [n_proteins, K]
+    y = data["protein_localizations"]          # [n_proteins] str
+
+R reads the CSV files directly and the arrays with `reticulate` or `RcppCNPy`.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dlfb_localization.dataset import Dataset
+from dlfb_localization.inspect.embeddings.utils import (
+    aggregate_by_protein,
+    frame_rows,
+)
+
+__all__ = ["export_embeddings"]
+
+_LABEL_COLUMNS = ("ensg", "name", "loc_grade1", "loc_grade2", "loc_grade3")
+
+
+def _text(values) -> np.ndarray:
+    """Fixed-width unicode array (never an object array, which needs pickle)."""
+    return np.asarray([str(v) for v in values], dtype=str).reshape(len(values))
+
+
+def export_embeddings(
+    dataset_split: Dataset,
+    frame_embeddings: dict[str, np.ndarray],
+    out_dir: str | os.PathLike,
+    name: str = "embeddings",
+) -> dict[str, Path]:
+    """Writes per-frame and per-protein embeddings with their label tables.
+
+    Per-protein values are the means over the protein's frames (as
+    `aggregate_proteins`). Files are written under temporary names and renamed
+    into place only once all three are complete, so a crash never leaves a
+    half-written file under the final name.
+
+    Args:
+      dataset_split: the split the frames belong to (for labels).
+      frame_embeddings: `get_frame_embeddings(state, dataset_split)`.
+      out_dir: folder to write to (created if needed).
+      name: file name stem, e.g. "valid".
+
+    Returns:
+      `{"arrays": <name>.npz, "frames": <name>_frames.csv, "proteins":
+      <name>_proteins.csv}` paths. The npz holds `frame_ids` [n] int64,
+      `frame_protein_ids` [n] int64, `frame_histograms` [n, K] int32,
+      `frame_vectors` [n, D] float32, `frame_localizations` [n] str (predominant
+      localization, "" if unannotated), `protein_ids` [p] int64,
+      `protein_names` [p] str, `protein_histograms` [p, K] float32,
+      `protein_vectors` [p, D] float32, `protein_localizations` [p] str and
+      `protein_n_frames` [p] int64.
+    """
+    frame_ids = np.asarray(frame_embeddings["frame_ids"], dtype=np.int64)
+    histograms = np.asarray(frame_embeddings["frame_histograms"])
+    vectors = np.asarray(frame_embeddings["frame_vectors"])
+    if not len(frame_ids) == len(histograms) == len(vectors):
+        raise ValueError("frame_ids, frame_histograms and frame_vectors must align")
+    rows = frame_rows(dataset_split, frame_ids)
+    lookup = dataset_split.labels.lookup.iloc[rows].reset_index(drop=True)
+    predominant = dataset_split.labels.localizations("predominant", restrict=False)
+    frame_localization = _text(predominant[rows])
+
+    protein_ids, protein_histograms = aggregate_by_protein(
+        dataset_split, frame_ids, histograms
+    )
+    _, protein_vectors = aggregate_by_protein(dataset_split, frame_ids, vectors)
+    frame_proteins = lookup["protein_id"].to_numpy(np.int64)
+    # Sorted like `protein_ids`; labels are per protein, so any frame's will do.
+    _, protein_rows, protein_n_frames = np.unique(
+        frame_proteins, return_index=True, return_counts=True
+    )
+
+    frames_table = pd.DataFrame(
+        {
+            "frame_id": frame_ids,
+            "protein_id": frame_proteins,
+            **{column: lookup[column].astype(str) for column in _LABEL_COLUMNS},
+            "fov_id": lookup["fov_id"].to_numpy(np.int64),
+            "predominant_localization": frame_localization,
+        }
+    )
+    proteins_table = pd.DataFrame(
+        {
+            "protein_id": protein_ids,
+            **{
+                column: lookup[column].astype(str).to_numpy()[protein_rows]
+                for column in _LABEL_COLUMNS
+            },
+            "predominant_localization": frame_localization[protein_rows],
+            "n_frames": protein_n_frames,
+        }
+    )
+    arrays = {
+        "frame_ids": frame_ids,
+        "frame_protein_ids": frame_proteins,
+        "frame_histograms": histograms.astype(np.int32),
+        "frame_vectors": vectors.astype(np.float32),
+        "frame_localizations": frame_localization,
+        "protein_ids": protein_ids,
+        "protein_names": _text(proteins_table["name"]),
+        "protein_histograms": protein_histograms,
+        "protein_vectors": protein_vectors,
+        "protein_localizations": _text(proteins_table["predominant_localization"]),
+        "protein_n_frames": protein_n_frames.astype(np.int64),
+    }
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "arrays": out / f"{name}.npz",
+        "frames": out / f"{name}_frames.csv",
+        "proteins": out / f"{name}_proteins.csv",
+    }
+    temporary = {
+        key: path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        for key, path in paths.items()
+    }
+    try:
+        with open(temporary["arrays"], "wb") as f:
+            np.savez_compressed(f, **arrays)
+        frames_table.to_csv(temporary["frames"], index=False)
+        proteins_table.to_csv(temporary["proteins"], index=False)
+        for key, path in paths.items():
+            os.replace(temporary[key], path)
+    finally:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+    return paths
