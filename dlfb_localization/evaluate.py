@@ -34,7 +34,7 @@ from sklearn.metrics import f1_score
 from sklearn.neighbors import NearestNeighbors
 
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.inspect.embeddings.utils import (
+from dlfb_localization.embeddings import (
     aggregate_by_protein,
     frame_protein_ids,
     get_frame_embeddings,

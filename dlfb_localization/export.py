@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.inspect.embeddings.utils import (
+from dlfb_localization.embeddings import (
     aggregate_by_protein,
     frame_rows,
 )

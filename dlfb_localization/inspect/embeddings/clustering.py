@@ -12,7 +12,7 @@ from matplotlib.lines import Line2D
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.localizations import LOCALIZATIONS_OF_INTEREST
-from dlfb_localization.inspect.embeddings.utils import frame_rows
+from dlfb_localization.embeddings import frame_rows
 
 __all__ = [
     "LOCALIZATION_COLORS",

@@ -1,0 +1,419 @@
+"""From a trained model to frame, protein and localization embeddings (no plotting).
+
+A frame is summarised two ways: its codebook-usage histogram (how many of its
+latent positions chose each code, the chapter's "feature spectrum") and the mean
+of its quantized vectors. Proteins and localizations are averages of those.
+It imports neither matplotlib nor UMAP, so `evaluate` and `export` use it;
+`inspect.embeddings.utils` re-exports it under the chapter's import path.
+"""
+
+import functools
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.training.train_state import TrainState
+from scipy.cluster.hierarchy import fcluster, leaves_list, linkage
+from scipy.spatial.distance import pdist, squareform
+
+from dlfb_localization.dataset import Dataset
+from dlfb_localization.dataset.localizations import LOCALIZATIONS_OF_INTEREST
+
+__all__ = [
+    "aggregate_by_protein",
+    "aggregate_localizations",
+    "aggregate_proteins",
+    "cluster_feature_spectrums",
+    "correlate_codes",
+    "count_codes",
+    "frame_protein_ids",
+    "frame_rows",
+    "get_frame_embeddings",
+    "iterate_inference_batches",
+    "protein_localizations",
+]
+
+
+def count_codes(indices: jax.Array, num_embeddings: int) -> jax.Array:
+    """Per-frame codebook-usage histograms.
+
+    One `bincount` over indices shifted by `frame * num_embeddings` counts all
+    frames at once, without the `[positions, num_embeddings]` one-hot tensor.
+
+    Args:
+      indices: `[batch, ...]` integer code indices (e.g. `[batch, h, w]`).
+      num_embeddings: codebook size K.
+
+    Returns:
+      `[batch, num_embeddings]` int32 counts; each row sums to the number of
+      positions per frame (`h * w`).
+    """
+    flat = indices.reshape(indices.shape[0], -1).astype(jnp.int32)
+    batch = flat.shape[0]
+    offsets = jnp.arange(batch, dtype=jnp.int32)[:, None] * num_embeddings
+    counts = jnp.bincount((flat + offsets).ravel(), length=batch * num_embeddings)
+    return counts.reshape(batch, num_embeddings).astype(jnp.int32)
+
+
+def _summarise_frames(model, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Histograms `[b, K]` and mean quantized vectors `[b, D]` (a model method)."""
+    vq = model.quantize(model.encode(images))
+    histograms = count_codes(vq.indices, model.num_embeddings)
+    vectors = jnp.mean(vq.quantized, axis=tuple(range(1, vq.quantized.ndim - 1)))
+    return histograms, vectors.astype(jnp.float32)
+
+
+# Jitted over (apply_fn, params) rather than the whole TrainState: the
+# optimizer is a static field of the state, so a state carrying another optax
+# object (e.g. restored with a new one) would otherwise compile again.
+@functools.partial(jax.jit, static_argnums=0)
+def _embed_batch(apply_fn, params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return apply_fn({"params": params}, images, method=_summarise_frames)
+
+
+def iterate_inference_batches(
+    dataset_split: Dataset, batch_size: int
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Every frame once, in frame-id order, in batches of one fixed shape.
+
+    The last partial batch is padded with zero frames up to the batch size, so a
+    jitted function sees one shape and compiles once; callers keep the first `n`
+    results. A split smaller than `batch_size` uses its own size instead, so a
+    small split is not padded to a large batch.
+
+    Args:
+      dataset_split: the frames.
+      batch_size: frames per batch.
+
+    Yields:
+      `(batch, n)`: the `get_batches` dict with `images` padded to `[b, h, w, c]`
+      (`frame_ids` and `labels` are not padded) and the number `n` of real frames.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if len(dataset_split) == 0:
+        raise ValueError("the split has no frames")
+    batch_size = min(batch_size, len(dataset_split))
+    for batch in dataset_split.get_batches(
+        None, batch_size, shuffle=False, drop_remainder=False
+    ):
+        n = len(batch["images"])
+        if n < batch_size:
+            pad = np.zeros((batch_size - n, *batch["images"].shape[1:]), np.float32)
+            batch = {**batch, "images": np.concatenate([batch["images"], pad])}
+        yield batch, n
+
+
+def get_frame_embeddings(
+    state: TrainState, dataset_split: Dataset, batch_size: int = 256
+) -> dict[str, np.ndarray]:
+    """Codebook-usage histogram and mean quantized vector of every frame.
+
+    Every frame of the split comes back exactly once, in frame-id order (the
+    batches are neither shuffled nor truncated). The counting and averaging run
+    on the device in the same jitted call as the encoder.
+
+    Args:
+      state: `TrainState` of a `LocalizationModel` (trained or fresh).
+      dataset_split: the frames to embed.
+      batch_size: frames per device call (memory, not results, depends on it).
+
+    Returns:
+      `{"frame_ids": [n] int64, "frame_histograms": [n, K] int32,
+      "frame_vectors": [n, D] float32}`. Histogram rows sum to the latent grid's
+      `h * w` (625 for 100x100 crops).
+    """
+    frame_ids, histograms, vectors = [], [], []
+    pending = None
+
+    def collect(outputs, n: int) -> None:
+        batch_histograms, batch_vectors = jax.device_get(outputs)
+        histograms.append(batch_histograms[:n])
+        vectors.append(batch_vectors[:n])
+
+    for batch, n in iterate_inference_batches(dataset_split, batch_size):
+        outputs = _embed_batch(state.apply_fn, state.params, batch["images"])
+        frame_ids.append(batch["frame_ids"])
+        # Fetch the previous batch only after dispatching this one, so the device
+        # computes while the host copies and reads the next frames; device memory
+        # stays at two batches' results whatever the split's size.
+        if pending is not None:
+            collect(*pending)
+        pending = (outputs, n)
+    collect(*pending)
+    return {
+        "frame_ids": np.concatenate(frame_ids).astype(np.int64),
+        "frame_histograms": np.concatenate(histograms).astype(np.int32),
+        "frame_vectors": np.concatenate(vectors).astype(np.float32),
+    }
+
+
+def frame_protein_ids(dataset_split: Dataset, frame_ids: np.ndarray) -> np.ndarray:
+    """The protein id of each frame.
+
+    Args:
+      dataset_split: the split the frames belong to.
+      frame_ids: `[n]` frame ids of the split, in any order.
+
+    Returns:
+      `[n]` int64 protein ids.
+
+    Raises:
+      ValueError: a frame id is not in the split.
+    """
+    protein_ids = dataset_split.labels.lookup["protein_id"].to_numpy(np.int64)
+    return protein_ids[frame_rows(dataset_split, frame_ids)]
+
+
+def frame_rows(dataset_split: Dataset, frame_ids: np.ndarray) -> np.ndarray:
+    """Row of each frame id in the split's label table (sorted by frame id).
+
+    Args:
+      dataset_split: the split.
+      frame_ids: `[n]` frame ids of the split, in any order.
+
+    Returns:
+      `[n]` int rows into `dataset_split.labels.lookup` (and into per-frame arrays
+      such as `labels.localizations()`).
+
+    Raises:
+      ValueError: a frame id is not in the split.
+    """
+    frame_ids = np.asarray(frame_ids, dtype=np.int64)
+    known = dataset_split.labels.frame_ids
+    if len(known) == 0:
+        raise ValueError("the split has no frames")
+    rows = np.searchsorted(known, frame_ids)
+    rows = np.minimum(rows, len(known) - 1)
+    missing = known[rows] != frame_ids
+    if missing.any():
+        raise ValueError(
+            f"{int(missing.sum())} frame id(s) are not in this split, e.g. "
+            f"{frame_ids[missing][:5].tolist()}; were the embeddings computed on "
+            "another split?"
+        )
+    return rows
+
+
+def aggregate_by_protein(
+    dataset_split: Dataset, frame_ids: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of per-frame values over each protein's frames.
+
+    Args:
+      dataset_split: the split the frames belong to.
+      frame_ids: `[n]` frame ids.
+      values: `[n, ...]` per-frame values aligned with `frame_ids`.
+
+    Returns:
+      `(protein_ids, means)`: `[p]` int64 ascending protein ids and `[p, ...]`
+      float32 means.
+    """
+    values = np.asarray(values)
+    if len(values) != len(frame_ids):
+        raise ValueError(
+            f"{len(values)} values for {len(frame_ids)} frame ids; they must align"
+        )
+    protein_of_frame = frame_protein_ids(dataset_split, frame_ids)
+    protein_ids, group = np.unique(protein_of_frame, return_inverse=True)
+    sums = np.zeros((len(protein_ids), *values.shape[1:]), dtype=np.float64)
+    np.add.at(sums, group, values)
+    counts = np.bincount(group, minlength=len(protein_ids))
+    counts = counts.reshape(-1, *([1] * (values.ndim - 1)))
+    return protein_ids.astype(np.int64), (sums / counts).astype(np.float32)
+
+
+def aggregate_proteins(
+    dataset_split: Dataset,
+    frame_ids: np.ndarray,
+    frame_histograms: np.ndarray,
+    frame_vectors: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each protein's feature spectrum: the mean histogram of its frames.
+
+    Histograms are averaged, not summed: proteins have different numbers of
+    frames, and a sum would make a protein with many frames look like a heavy
+    user of every code, so correlations across proteins would mostly measure
+    frame counts. The mean is the expected usage per frame, comparable across
+    proteins, and still sums to `h * w`.
+
+    Args:
+      dataset_split: the split the frames belong to.
+      frame_ids: `[n]` frame ids.
+      frame_histograms: `[n, K]` per-frame code counts.
+      frame_vectors: ignored; accepted so that `**get_frame_embeddings(...)` can
+        be passed as in the chapter. `aggregate_by_protein` averages vectors.
+
+    Returns:
+      `(protein_ids, protein_histograms)`: `[p]` int64 ascending and `[p, K]`
+      float32.
+    """
+    del frame_vectors  # see Args
+    return aggregate_by_protein(dataset_split, frame_ids, frame_histograms)
+
+
+def protein_localizations(
+    dataset_split: Dataset,
+    protein_ids: np.ndarray,
+    mode: str = "predominant",
+    *,
+    restrict: bool = True,
+) -> np.ndarray:
+    """One localization per protein, "" where there is none (see `Labels`).
+
+    Args:
+      dataset_split: the split the proteins belong to.
+      protein_ids: `[p]` protein ids.
+      mode: "predominant" (the first name of the highest annotated grade) or
+        "single" (only proteins annotated with exactly one localization).
+      restrict: keep only the nine localizations the chapter colours.
+
+    Returns:
+      `[p]` string array.
+    """
+    lookup = dataset_split.labels.lookup
+    per_frame = dataset_split.labels.localizations(mode, restrict=restrict)
+    first_row = dict(
+        zip(*np.unique(lookup["protein_id"].to_numpy(), return_index=True), strict=True)
+    )
+    protein_ids = np.asarray(protein_ids)
+    missing = [int(p) for p in protein_ids if p not in first_row]
+    if missing:
+        raise ValueError(f"protein id(s) {missing[:5]} are not in this split")
+    return np.array(
+        [per_frame[first_row[p]] for p in protein_ids.tolist()], dtype=str
+    ).reshape(len(protein_ids))
+
+
+def aggregate_localizations(
+    dataset_split: Dataset,
+    protein_ids: np.ndarray,
+    protein_histograms: np.ndarray,
+    *,
+    mode: str = "single",
+) -> tuple[list[str], np.ndarray]:
+    """Mean feature spectrum of the proteins of each localization of interest.
+
+    As in the chapter, a protein counts for a localization only if that is its
+    one annotated localization (`mode="single"`), so mixed proteins do not blur
+    the spectra; `mode="predominant"` uses each protein's main localization.
+
+    Args:
+      dataset_split: the split the proteins belong to.
+      protein_ids: `[p]` protein ids (from `aggregate_proteins`).
+      protein_histograms: `[p, K]` their spectra.
+      mode: "single" or "predominant".
+
+    Returns:
+      `(localizations, localization_histograms)`: the names among the nine that
+      have at least one protein, in `LOCALIZATIONS_OF_INTEREST` order, and their
+      `[len(localizations), K]` float32 mean spectra.
+    """
+    protein_histograms = np.asarray(protein_histograms)
+    if len(protein_histograms) != len(protein_ids):
+        raise ValueError(
+            f"{len(protein_histograms)} histograms for {len(protein_ids)} proteins"
+        )
+    names = protein_localizations(dataset_split, protein_ids, mode)
+    localizations = [loc for loc in LOCALIZATIONS_OF_INTEREST if (names == loc).any()]
+    if not localizations:
+        raise ValueError(
+            f"no protein of this split has a {mode!r} localization among "
+            f"{LOCALIZATIONS_OF_INTEREST}"
+        )
+    histograms = np.stack(
+        [protein_histograms[names == loc].mean(axis=0) for loc in localizations]
+    )
+    return localizations, histograms.astype(np.float32)
+
+
+def correlate_codes(protein_histograms: np.ndarray) -> np.ndarray:
+    """Pearson correlation of codebook entries across proteins.
+
+    A code whose usage is the same for every protein (in practice, a code no
+    protein uses) has zero variance, so its correlation is undefined: its row
+    and column are NaN rather than the 0 the chapter's `nan_to_num` made of it,
+    which read as "uncorrelated" and put those codes among real ones.
+
+    Args:
+      protein_histograms: `[p, K]` per-protein spectra.
+
+    Returns:
+      `[K, K]` float64 correlations in `[-1, 1]`; NaN rows and columns for
+      constant codes.
+    """
+    histograms = np.asarray(protein_histograms, dtype=np.float64)
+    if histograms.ndim != 2 or len(histograms) < 2:
+        raise ValueError(
+            "protein_histograms must be [n_proteins >= 2, num_embeddings], got "
+            f"shape {histograms.shape}"
+        )
+    # max == min is exact, where a variance threshold would depend on scale.
+    defined = np.ptp(histograms, axis=0) > 0
+    centred = histograms[:, defined] - histograms[:, defined].mean(axis=0)
+    centred /= np.sqrt(np.sum(centred**2, axis=0))
+    corr = np.full((histograms.shape[1],) * 2, np.nan)
+    corr[np.ix_(defined, defined)] = np.clip(centred.T @ centred, -1.0, 1.0)
+    return corr
+
+
+def cluster_feature_spectrums(
+    protein_histograms: np.ndarray, n_clusters: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Groups codebook entries that proteins use together.
+
+    As in the chapter: the Pearson correlation of codes across proteins
+    (`correlate_codes`), then average-linkage clustering of the codes' correlation
+    profiles (rows, Euclidean distance) with optimal leaf ordering, cut into at
+    most `n_clusters` groups (`fcluster`, "maxclust").
+
+    Codes with undefined correlation (constant across proteins, e.g. never used)
+    are kept out of the clustering of the others: they form one separate subtree,
+    joined to the rest at the top of the tree (above every other merge), and get
+    cluster 0. Groups of the other codes are numbered 1, 2, … from left to right
+    in the dendrogram's leaf order, so plots can label them I, II, … in reading
+    order.
+
+    Args:
+      protein_histograms: `[p, K]` per-protein spectra, p >= 2.
+      n_clusters: maximum number of groups of defined codes.
+
+    Returns:
+      `(corr_idx_idx, tree, encoding_clusters)`: the `[K, K]` correlation (NaN
+      for constant codes), the `[K - 1, 4]` scipy linkage over all K codes and
+      `[K]` int cluster labels (0 = constant code, else 1..n_clusters).
+    """
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+    corr = correlate_codes(protein_histograms)
+    defined = ~np.isnan(np.diag(corr))
+    n_defined = int(defined.sum())
+    if n_defined < 2:
+        raise ValueError(
+            f"only {n_defined} code(s) vary across proteins; clustering needs at "
+            "least 2 (use more proteins or a model that uses more codes)"
+        )
+    profiles = corr[np.ix_(defined, defined)]
+    defined_distances = squareform(pdist(profiles, metric="euclidean"))
+    # Constant codes are at distance 0 from each other and farther from every
+    # defined code than any two defined codes are, so average linkage merges them
+    # last, and the defined codes' subtree is the chapter's tree of those codes.
+    apart = 2.0 * defined_distances.max() if defined_distances.max() > 0 else 1.0
+    distances = np.full(corr.shape, apart)
+    distances[np.ix_(defined, defined)] = defined_distances
+    distances[np.ix_(~defined, ~defined)] = 0.0
+    np.fill_diagonal(distances, 0.0)
+    tree = linkage(
+        squareform(distances, checks=False), method="average", optimal_ordering=True
+    )
+
+    has_constant = n_defined < len(corr)
+    raw = fcluster(tree, n_clusters + int(has_constant), criterion="maxclust")
+    encoding_clusters = np.zeros(len(corr), dtype=np.int32)
+    relabel: dict[int, int] = {}
+    for leaf in leaves_list(tree):
+        if defined[leaf]:
+            relabel.setdefault(int(raw[leaf]), len(relabel) + 1)
+            encoding_clusters[leaf] = relabel[int(raw[leaf])]
+    return corr, tree, encoding_clusters
