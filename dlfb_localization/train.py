@@ -21,6 +21,7 @@ from dlfb_localization.model.vqvae import LocalizationModel, ModelOutputs
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DataParallel",
     "NonFiniteLossError",
     "TrainState",
     "compute_losses",
@@ -167,24 +168,48 @@ def eval_step(
     return metrics
 
 
-def _copy_committed(state: TrainState) -> TrainState:
-    """A copy of `state`, committed to the devices its arrays are on.
+class DataParallel:
+    """Data parallelism over all local devices: one code path for one or many.
 
-    The steps donate their input, so the copy keeps the caller's arrays alive.
-    Committing makes a fresh state look to `jit` like a restored one (Orbax
-    returns committed arrays, shaped like this copy when it is the restore
-    target); otherwise resuming in the same process would compile the steps a
-    second time.
+    Parameters and optimizer state are replicated on every device and each batch
+    is split along its first axis; `jit` then compiles one SPMD program whose
+    gradients are averaged across devices by XLA. With one device this is plain
+    single-device training. For several hosts, call `jax.distributed.initialize()`
+    first on every host: `jax.devices()` then spans all of them and each host
+    must feed the same global batches (the data order is a pure function of the
+    seed, so it does).
     """
 
-    def copy(x):
-        if not isinstance(x, jax.Array):
-            # e.g. `TrainState.create`'s Python int step: a strong int32 array,
-            # as a restored one.
-            x = jnp.asarray(np.asarray(x))
-        return jax.device_put(x, x.sharding, may_alias=False)
+    def __init__(self, devices=None):
+        devices = jax.devices() if devices is None else devices
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+        self.n_devices = len(devices)
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.batch = jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec("data")
+        )
 
-    return jax.tree.map(copy, state)
+    def place_state(self, state: TrainState) -> TrainState:
+        """A copy of `state` replicated on every device.
+
+        The steps donate their input, so the copy keeps the caller's arrays alive;
+        Orbax restores into the same placement, so a resumed run compiles the
+        steps once.
+        """
+
+        def copy(x):
+            if not isinstance(x, jax.Array):
+                # e.g. `TrainState.create`'s Python int step: a strong int32 array,
+                # as a restored one.
+                x = jnp.asarray(np.asarray(x))
+            return jax.device_put(x, self.replicated, may_alias=False)
+
+        return jax.tree.map(copy, state)
+
+    def batch_sharding(self, batch_size: int) -> jax.sharding.Sharding:
+        """Split a batch over the devices, or replicate one that does not divide
+        (the last, partial validation batch)."""
+        return self.batch if batch_size % self.n_devices == 0 else self.replicated
 
 
 def _model_inputs(batch: Batch) -> dict[str, np.ndarray | jax.Array]:
@@ -227,6 +252,12 @@ def _check_arguments(
         raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
     if eval_every < 1:
         raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    n_devices = jax.device_count()
+    if batch_size % n_devices:
+        raise ValueError(
+            f"batch_size {batch_size} must be a multiple of the {n_devices} devices "
+            "the batch is split over"
+        )
     if not 1 <= batch_size <= len(dataset_splits["train"]):
         raise ValueError(
             f"batch_size must be in [1, {len(dataset_splits['train'])}] (the train "
@@ -284,7 +315,8 @@ def train(
       checkpoint.ConfigMismatchError: `store_path` holds a different run.
     """
     _check_arguments(dataset_splits, num_epochs, batch_size, eval_every)
-    state = _copy_committed(state)
+    parallel = DataParallel()
+    state = parallel.place_state(state)
     rng_data, rng_dropout = jax.random.split(rng)
     weight = jnp.float32(classification_weight)
     history = MetricsLogger()
@@ -322,7 +354,8 @@ def train(
                 jax.random.fold_in(rng_data, epoch), batch_size
             )
             # Reads and host-to-device copies overlap with the running step.
-            for batch in prefetch_to_device(batches):
+            sharding = parallel.batch_sharding(batch_size)
+            for batch in prefetch_to_device(batches, device=sharding):
                 state, metrics = train_step(
                     state, _model_inputs(batch), rng_dropout, weight
                 )
@@ -332,7 +365,9 @@ def train(
                 for batch in dataset_splits["valid"].get_batches(
                     rng_data, batch_size, shuffle=False, drop_remainder=False
                 ):
-                    metrics = eval_step(state, _model_inputs(batch), weight)
+                    sharding = parallel.batch_sharding(len(batch["labels"]))
+                    inputs = jax.device_put(_model_inputs(batch), sharding)
+                    metrics = eval_step(state, inputs, weight)
                     history.log_step("valid", metrics, weight=len(batch["labels"]))
 
             _check_finite(history.flush(epoch), epoch, first_step)

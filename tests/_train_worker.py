@@ -3,10 +3,15 @@
 Run as a script it trains into a store path, so a test can kill the process
 mid-run and start it again:
 
-    python tests/_train_worker.py STORE_PATH [--seconds-per-batch 0.2]
+    python tests/_train_worker.py STORE_PATH [--seconds-per-batch 0.2] [--report]
+
+With --report it prints the final metrics as JSON and saves the trained model's
+outputs on the validation frames to STORE_PATH/outputs.npz, so runs on different
+device counts can be compared.
 """
 
 import argparse
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -95,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("store_path")
     parser.add_argument("--seconds-per-batch", type=float, default=0.0)
+    parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     # The library's own logger only (absl already configured the root logger).
     library_logger = logging.getLogger("dlfb_localization")
@@ -103,7 +109,18 @@ def main() -> None:
     splits = make_splits()
     if args.seconds_per_batch:
         splits["train"] = SlowBatches(splits["train"], args.seconds_per_batch)
-    run(args.store_path, splits=splits)
+    state, metrics = run(args.store_path, splits=splits)
+    if args.report:
+        valid = splits["valid"].get_batches(
+            None, 64, shuffle=False, drop_remainder=False
+        )
+        images = next(valid)["images"]
+        decoded, *_, logits = state.apply_fn(
+            {"params": state.params}, images, is_training=False
+        )
+        np.savez(f"{args.store_path}/outputs.npz", decoded=decoded, logits=logits)
+        report = {"devices": jax.device_count(), "metrics": metrics}
+        print("REPORT " + json.dumps(report))
 
 
 if __name__ == "__main__":
