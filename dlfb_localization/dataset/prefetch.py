@@ -15,6 +15,14 @@ class _Failure:
         self.error = error
 
 
+def _put(value, device):
+    if isinstance(device, jax.sharding.Sharding) and not device.is_fully_addressable:
+        # Several hosts (jax.distributed): every host holds the same global batch
+        # and contributes the rows of its own devices.
+        return jax.make_array_from_process_local_data(device, value, value.shape)
+    return jax.device_put(value, device)
+
+
 def prefetch_to_device(
     batches: Iterable[dict[str, Any]],
     size: int = 2,
@@ -59,7 +67,7 @@ def prefetch_to_device(
         try:
             for batch in batches:
                 moved = {
-                    key: value if key in keep_on_host else jax.device_put(value, device)
+                    key: value if key in keep_on_host else _put(value, device)
                     for key, value in batch.items()
                 }
                 if not put(moved):
