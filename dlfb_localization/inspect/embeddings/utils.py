@@ -3,30 +3,7 @@ localizations. The code lives in `dlfb_localization.embeddings`, which has no
 plotting, so that `evaluate` and `export` need not import `inspect`.
 """
 
-from dlfb_localization.embeddings import (
-    aggregate_by_protein,
-    aggregate_localizations,
-    aggregate_proteins,
-    cluster_feature_spectrums,
-    correlate_codes,
-    count_codes,
-    frame_protein_ids,
-    frame_rows,
-    get_frame_embeddings,
-    iterate_inference_batches,
-    protein_localizations,
-)
+from dlfb_localization import embeddings as _embeddings
+from dlfb_localization.embeddings import *  # noqa: F403  (the chapter's import path)
 
-__all__ = [
-    "aggregate_by_protein",
-    "aggregate_localizations",
-    "aggregate_proteins",
-    "cluster_feature_spectrums",
-    "correlate_codes",
-    "count_codes",
-    "frame_protein_ids",
-    "frame_rows",
-    "get_frame_embeddings",
-    "iterate_inference_batches",
-    "protein_localizations",
-]
+__all__ = _embeddings.__all__
