@@ -283,11 +283,12 @@ def compute_codebook_health(code_counts: np.ndarray) -> dict[str, float]:
 
 def _reconstruct(model, images: jax.Array) -> jax.Array:
     vq = model.quantize(model.encode(images))
-    return model.decode(vq.quantized, out_channels=images.shape[-1])
+    decoded = model.decode(vq.quantized, out_channels=images.shape[-1])
+    return model.restore_scale(decoded, images)
 
 
 def reconstruct(state: TrainState, images: jax.Array) -> jax.Array:
-    """The model's reconstruction of `[b, h, w, c]` images (same shape)."""
+    """The model's reconstruction of `[b, h, w, c]` images, on their scale."""
     return _reconstruct_jit(state.apply_fn, state.params, images)
 
 
@@ -309,8 +310,9 @@ def compute_reconstruction_mse(
 ) -> float:
     """Mean squared error over every pixel of every frame of the split.
 
-    The same definition as the training `recon_loss`, over the whole split
-    instead of one batch.
+    Measured on the images' own scale (`reconstruct`), so models with and
+    without input standardization compare; for a model without it, this is the
+    training `recon_loss` over the whole split instead of one batch.
     """
     total, count = 0.0, 0
     for batch, n in iterate_inference_batches(dataset_split, batch_size):

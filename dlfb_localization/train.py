@@ -56,11 +56,12 @@ def compute_losses(
       classification_weight: scalar weight of the classification loss.
 
     Returns:
-      Scalars `total_loss`, `recon_loss` (mean squared error over all pixels),
+      Scalars `total_loss`, `recon_loss` (mean squared error over all pixels,
+      against `outputs.targets`: standardized images if the model standardizes),
       `codebook_loss`, `commitment_loss` and `classification_loss` (mean
       cross-entropy, unweighted).
     """
-    recon_loss = jnp.mean(jnp.square(outputs.decoded - batch["images"]))
+    recon_loss = jnp.mean(jnp.square(outputs.decoded - outputs.targets))
     classification_loss = optax.softmax_cross_entropy_with_integer_labels(
         logits=outputs.logits, labels=batch["labels"]
     ).mean()

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.training.train_state import TrainState
 
+from dlfb_localization.evaluate import reconstruct
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.model.quantizer import lookup_codes
 from dlfb_localization.train import compute_losses
@@ -182,3 +184,32 @@ def test_gradients_flow_where_the_paper_says(tiny):
 def test_invalid_hyperparameters_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         LocalizationModel(**{**TINY, field: value})
+
+
+def test_standardized_inputs_make_codes_blind_to_brightness(tiny):
+    model, params, images = tiny
+    brighter = 3.0 * images + 0.2  # the same pattern, imaged brighter
+
+    def indices(m, x):
+        return m.apply(
+            {"params": params}, x, method=LocalizationModel.get_encoding_indices
+        )
+
+    np.testing.assert_array_equal(indices(model, images), indices(model, brighter))
+    raw = LocalizationModel(**TINY, standardize_inputs=False)
+    assert not np.array_equal(indices(raw, images), indices(raw, brighter))
+
+    # Reconstructions come back on the input's own scale.
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.identity())
+    np.testing.assert_allclose(
+        reconstruct(state, brighter), 3.0 * reconstruct(state, images) + 0.2, atol=1e-4
+    )
+    outputs = model.apply(
+        {"params": params},
+        images,
+        is_training=False,
+        method=LocalizationModel.compute_outputs,
+    )
+    targets = np.asarray(outputs.targets)
+    np.testing.assert_allclose(targets.mean(axis=(1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(targets.std(axis=(1, 2)), 1.0, atol=1e-4)

@@ -22,11 +22,21 @@ class ModelOutputs(NamedTuple):
       decoded: `[batch, height, width, channels]` reconstruction.
       logits: `[batch, num_classes]` protein-id logits.
       vq: the quantizer's outputs (latents, indices, losses, codebook usage).
+      targets: what `decoded` is compared with: the input as the encoder saw
+        it (standardized per image when the model standardizes its inputs).
     """
 
     decoded: jax.Array
     logits: jax.Array
     vq: VQOutput
+    targets: jax.Array
+
+
+def _image_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-image, per-channel mean and standard deviation (floored at 1e-6)."""
+    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+    std = jnp.std(x, axis=(1, 2), keepdims=True)
+    return mean, jnp.maximum(std, 1e-6)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -51,6 +61,12 @@ class LocalizationModel(nn.Module):
       commitment_cost: beta, the weight of the commitment loss.
       dropout_rate: dropout in the head's hidden layers, in `[0, 1)`.
       classification_head_layers: Dense layers in the head, at least 1.
+      standardize_inputs: standardize each image (and channel) to zero mean and
+        unit variance before encoding; the decoder then reconstructs the
+        standardized image. Without it (the book's model) a frame's brightness,
+        which says little about where its protein lives, dominates the
+        reconstruction loss and the codes; with it, codes describe patterns.
+        `reconstruct` maps reconstructions back to the input's scale either way.
     """
 
     num_classes: int
@@ -59,6 +75,7 @@ class LocalizationModel(nn.Module):
     commitment_cost: float
     dropout_rate: float
     classification_head_layers: int
+    standardize_inputs: bool = True
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -97,9 +114,23 @@ class LocalizationModel(nn.Module):
             layers=self.classification_head_layers,
         )
 
+    def prepare_inputs(self, x: jax.Array) -> jax.Array:
+        """The images as the encoder sees them and the decoder reconstructs them."""
+        if not self.standardize_inputs:
+            return x
+        mean, std = _image_moments(x)
+        return (x - mean) / std
+
+    def restore_scale(self, decoded: jax.Array, x: jax.Array) -> jax.Array:
+        """Maps a reconstruction of `prepare_inputs(x)` back to the scale of `x`."""
+        if not self.standardize_inputs:
+            return decoded
+        mean, std = _image_moments(x)
+        return decoded * std + mean
+
     def encode(self, x: jax.Array) -> jax.Array:
         """Maps `[batch, H, W, C]` images to `[batch, H/4, W/4, D]` latents."""
-        return self.encoder(x)
+        return self.encoder(self.prepare_inputs(x))
 
     def quantize(self, latents: jax.Array) -> VQOutput:
         """Snaps `[batch, h, w, D]` latents to the codebook (see `VQOutput`)."""
@@ -124,13 +155,16 @@ class LocalizationModel(nn.Module):
           is_training: enables dropout in the head (needs a "dropout" rng).
 
         Returns:
-          `ModelOutputs`; `decoded` has the shape of `x`.
+          `ModelOutputs`; `decoded` has the shape of `x` and is on the scale of
+          `targets` (see `restore_scale`).
         """
-        vq = self.quantize(self.encode(x))
+        targets = self.prepare_inputs(x)
+        vq = self.quantize(self.encoder(targets))
         return ModelOutputs(
             decoded=self.decode(vq.quantized, out_channels=x.shape[-1]),
             logits=self.classify(vq.quantized, is_training),
             vq=vq,
+            targets=targets,
         )
 
     def __call__(
@@ -169,7 +203,7 @@ class LocalizationModel(nn.Module):
           `[batch, H/4, W/4]` int32 code indices (reshape to `[batch, -1]` for
           per-frame histograms).
         """
-        return self.vector_quantizer.get_closest_codebook_indices(self.encoder(x))
+        return self.vector_quantizer.get_closest_codebook_indices(self.encode(x))
 
     @nn.nowrap
     def create_train_state(
