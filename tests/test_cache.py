@@ -28,6 +28,23 @@ def test_cache_is_built_once_and_reused(tiny_release):
     np.testing.assert_array_equal(labels["frame_id"], np.arange(len(images)))
 
 
+def test_digest_identifies_the_data_not_the_files(tiny_release):
+    path, _, _ = tiny_release
+    _, _, digest = open_cache(path)
+    cache = path / "dlfb_cache" / "images_c0.npy"
+    built = cache.stat().st_mtime_ns
+    block = path / "Image_data00.npy"
+    os.utime(block, ns=(built + 10**9, built + 10**9))  # the same data, rewritten
+    _, _, digest_same = open_cache(path)
+    assert cache.stat().st_mtime_ns != built  # rebuilt ...
+    assert digest_same == digest  # ... to the same content
+    images = np.load(block)
+    images[0, 0, 0, 0] += 0.5
+    np.save(block, images)
+    _, _, digest_changed = open_cache(path)
+    assert digest_changed != digest
+
+
 def test_truncated_cache_is_rebuilt_not_read(tiny_release):
     path, images, _ = tiny_release
     open_cache(path)
