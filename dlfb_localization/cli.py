@@ -1,17 +1,34 @@
-"""The `dlfb-localization` command line. Kept short: the work is in the library."""
+"""The `dlfb-localization` command line. Kept short: the work is in the library.
+
+A run lives in a folder (`--store`): `train` writes it, and `evaluate`, `embed`
+and `figures` read it back (see `dlfb_localization.runs`).
+"""
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
+
+SPLIT_CHOICES = ("train", "valid", "test")
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        channels = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated channel numbers like 0 or 0,1, got {text!r}"
+        ) from None
+    return channels
 
 
 def _prepare(args: argparse.Namespace) -> None:
     from dlfb_localization.dataset.utils import get_dataset
 
-    channels = tuple(int(c) for c in args.channels.split(","))
     dataset = get_dataset(
         args.data_dir,
-        channels=channels,
+        channels=args.channels,
         cache_dir=args.cache_dir,
         force_recreate=args.force,
         trust_pickled_labels=args.trust_pickled_labels,
@@ -25,6 +42,74 @@ def _demo(args: argparse.Namespace) -> None:
     from dlfb_localization import demo
 
     demo.run(args.out, seed=args.seed)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from dlfb_localization.runs import RunConfig, train_run
+
+    if not args.data.is_dir():
+        raise FileNotFoundError(f"--data {args.data} is not a folder")
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    config = RunConfig(**{k: v for k, v in vars(args).items() if k in names})
+    run = train_run(config, args.store)
+    last = {name: values[-1]["mean"] for name, values in run.metrics["valid"].items()}
+    print(
+        f"trained {config.num_epochs} epochs into {args.store}: valid "
+        + ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.items()))
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from dlfb_localization.evaluate import evaluate
+    from dlfb_localization.runs import load_run
+
+    run = load_run(args.store, progress=True)
+    out = args.out or args.store / f"evaluation_{args.split}.json"
+    result = evaluate(run.state, run.splits[args.split], k=args.k, out_path=out)
+    for level in ("protein", "frame"):
+        scores = result["knn"][level]["all"]
+        print(
+            f"{level}-level {args.k}-NN accuracy: "
+            + ", ".join(
+                f"{name} {score['accuracy']:.3f}"
+                for name, score in scores.items()
+                if score is not None
+            )
+        )
+    print(f"codebook: {json.dumps(result['codebook'])}")
+    print(f"wrote {out}")
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from dlfb_localization.embeddings import get_frame_embeddings
+    from dlfb_localization.export import export_embeddings
+    from dlfb_localization.runs import load_run
+
+    run = load_run(args.store, progress=True)
+    split = run.splits[args.split]
+    paths = export_embeddings(
+        split, get_frame_embeddings(run.state, split), args.out, name=args.split
+    )
+    for path in paths.values():
+        print(f"wrote {path}")
+
+
+def _figures(args: argparse.Namespace) -> None:
+    from dlfb_localization.figures import write_model_figures
+    from dlfb_localization.runs import load_run
+
+    runs = {store.name: load_run(store, progress=True) for store in args.store}
+    if len(runs) < len(args.store):
+        raise ValueError("give each --store folder a different name")
+    first = next(iter(runs.values()))
+    written = write_model_figures(
+        {name: (run.state, run.metrics) for name, run in runs.items()},
+        first.splits[args.split],
+        args.out,
+        rng=first.rng_frames,
+    )
+    for path in written.values():
+        print(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("data_dir", type=Path, help="folder with the data")
     prepare.add_argument(
         "--channels",
-        default="0",
+        type=_channels,
+        default=(0,),
         help="comma-separated channels to keep: 0=protein, 1=nucleus, "
         "2=nuclear distance, 3=nuclear segmentation (default: 0)",
     )
@@ -79,7 +165,126 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
     demo.add_argument("--seed", type=int, default=42, help="seed (default: 42)")
     demo.set_defaults(func=_demo)
+
+    _add_train(commands)
+
+    def add_store(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--store", type=Path, required=True, help="a run folder written by train"
+        )
+        command.add_argument(
+            "--split",
+            choices=SPLIT_CHOICES,
+            default="test",
+            help="which of the run's splits (default: test)",
+        )
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="localization k-NN, cluster scores and codebook health of a run",
+        description="Scores a trained run on one split: k-NN accuracy and macro-F1 "
+        "of the localization at frame and protein level for the codebook "
+        "histograms, the mean quantized vectors and a raw-pixel PCA baseline; "
+        "cluster scores on UMAPs; codebook health; reconstruction error. Writes "
+        "JSON (default: STORE/evaluation_SPLIT.json) and prints a summary.",
+    )
+    add_store(evaluate)
+    evaluate.add_argument("--k", type=int, default=5, help="neighbours (default: 5)")
+    evaluate.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    evaluate.set_defaults(func=_evaluate)
+
+    embed = commands.add_parser(
+        "embed",
+        help="export per-frame and per-protein embeddings with their labels",
+        description="Writes SPLIT.npz (codebook histograms and mean quantized "
+        "vectors of every frame and protein) and SPLIT_frames.csv / "
+        "SPLIT_proteins.csv (labels) into --out; numpy and pandas, or R, read them.",
+    )
+    add_store(embed)
+    embed.add_argument("--out", type=Path, required=True, help="folder to write into")
+    embed.set_defaults(func=_embed)
+
+    figures = commands.add_parser(
+        "figures",
+        help="the chapter's figures for one or several runs",
+        description="Reconstructions, losses, perplexity, codebook usage, feature "
+        "correlation and spectra for each run, and one UMAP of them all (aligned "
+        "by frame when several --store are given, e.g. with and without the "
+        "classification head). Runs must share their data.",
+    )
+    figures.add_argument(
+        "--store",
+        type=Path,
+        action="append",
+        required=True,
+        help="a run folder; repeat for several",
+    )
+    figures.add_argument(
+        "--split", choices=SPLIT_CHOICES, default="test", help="default: test"
+    )
+    figures.add_argument("--out", type=Path, required=True, help="folder for PNGs")
+    figures.set_defaults(func=_figures)
     return parser
+
+
+def _add_train(commands) -> None:
+    from dlfb_localization.runs import RunConfig
+
+    defaults = RunConfig(data="")
+    train = commands.add_parser(
+        "train",
+        help="train the model on a data folder",
+        description="Trains the chapter's model (VQ-VAE with a protein-id head) "
+        "on DATA's fov-exclusive 80/10/10 split, checkpointing every epoch into "
+        "STORE. Run the same command again to resume an interrupted run; a "
+        "STORE holding a run with other settings is refused.",
+    )
+    train.add_argument("--data", type=Path, required=True, help="data folder")
+    train.add_argument("--store", type=Path, required=True, help="run folder")
+    train.add_argument(
+        "--channels",
+        type=_channels,
+        default=defaults.channels,
+        help="comma-separated channels (default: 0, the protein)",
+    )
+    train.add_argument(
+        "--cache-dtype", choices=("float32", "float16"), default=defaults.cache_dtype
+    )
+    numbers = {
+        "--seed": ("seed", int, "seed of splits, weights and batches"),
+        "--n-proteins": ("n_proteins", int, "use this many random proteins"),
+        "--max-frames": ("max_frames", int, "use at most this many frames"),
+        "--embedding-dim": ("embedding_dim", int, "code length D"),
+        "--num-embeddings": ("num_embeddings", int, "codebook size K"),
+        "--commitment-cost": ("commitment_cost", float, "beta"),
+        "--dropout-rate": ("dropout_rate", float, "dropout in the head"),
+        "--head-layers": ("classification_head_layers", int, "Dense layers in head"),
+        "--learning-rate": ("learning_rate", float, "Adam's learning rate"),
+        "--epochs": ("num_epochs", int, "passes over the training split"),
+        "--batch-size": ("batch_size", int, "frames per step"),
+        "--classification-weight": (
+            "classification_weight",
+            float,
+            "weight of the protein-id loss; 0 trains without the head",
+        ),
+        "--eval-every": ("eval_every", int, "validate every this many epochs"),
+    }
+    for flag, (dest, kind, text) in numbers.items():
+        default = getattr(defaults, dest)
+        train.add_argument(
+            flag,
+            dest=dest,
+            type=kind,
+            default=default,
+            help=f"{text} (default: {'all' if default is None else default})",
+        )
+    train.add_argument(
+        "--no-standardize",
+        dest="standardize_inputs",
+        action="store_false",
+        help="feed raw intensities, as the book does (default: standardize each image)",
+    )
+    train.set_defaults(func=_train)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, KeyError) as error:
         print(f"dlfb-localization {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

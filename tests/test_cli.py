@@ -1,5 +1,8 @@
 """The `dlfb-localization` command line."""
 
+import json
+
+import numpy as np
 import pytest
 
 from dlfb_localization.cli import main
@@ -25,3 +28,74 @@ def test_bad_flag_value_exits_with_usage(capsys):
         main(["prepare", "x", "--cache-dtype", "int8"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+TINY_MODEL = ["--embedding-dim", "8", "--num-embeddings", "16", "--batch-size", "8"]
+
+
+def test_train_evaluate_embed_and_figures_from_a_run_folder(tiny_release, tmp_path):
+    path, _, _ = tiny_release
+    store = tmp_path / "run"
+    train = ["train", "--data", str(path), "--store", str(store), *TINY_MODEL]
+    assert main([*train, "--epochs", "2"]) == 0
+    config = json.loads((store / "config.json").read_text())
+    assert config["num_epochs"] == 2 and config["embedding_dim"] == 8
+    metrics = json.loads((store / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["train"]["total_loss"]] == [0, 1]
+
+    assert main(["evaluate", "--store", str(store), "--split", "train"]) == 0
+    result = json.loads((store / "evaluation_train.json").read_text())
+    assert result["n_proteins"] == 6
+    assert result["knn"]["protein"]["all"]["codebook_histogram"] is not None
+
+    out = tmp_path / "embeddings"
+    assert (
+        main(["embed", "--store", str(store), "--split", "train", "--out", str(out)])
+        == 0
+    )
+    arrays = np.load(out / "train.npz")
+    assert arrays["frame_histograms"].shape[1] == 16
+    assert len(arrays["frame_ids"]) == result["n_frames"]
+
+    figures = tmp_path / "figures"
+    assert (
+        main(
+            [
+                "figures",
+                "--store",
+                str(store),
+                "--split",
+                "train",
+                "--out",
+                str(figures),
+            ]
+        )
+        == 0
+    )
+    names = {p.name for p in figures.glob("*.png")}
+    assert {"umap.png", "reconstructions_run.png", "losses_run.png"} <= names
+
+
+def test_train_refuses_a_store_with_other_settings(tiny_release, tmp_path, capsys):
+    path, _, _ = tiny_release
+    store = tmp_path / "run"
+    train = ["train", "--data", str(path), "--store", str(store), *TINY_MODEL]
+    assert main([*train, "--epochs", "1"]) == 0
+    before = sorted(p.name for p in (store / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert main([*train, "--epochs", "1", "--learning-rate", "0.01"]) == 2
+    assert "learning_rate: stored 0.001, now 0.01" in capsys.readouterr().err
+    assert sorted(p.name for p in (store / "checkpoints").iterdir()) == before
+
+
+def test_commands_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["evaluate", "--store", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nope"), "--store", "x"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_bad_channels_flag_exits_with_usage(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--data", ".", "--store", "x", "--channels", "a,b"])
+    assert "comma-separated channel numbers" in capsys.readouterr().err

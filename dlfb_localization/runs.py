@@ -1,0 +1,265 @@
+"""A training run as a folder: its configuration, checkpoints and metrics.
+
+The chapter's code builds the splits, the model and the optimizer by hand and
+calls `train`. The command line and the demo do the same from one `RunConfig`,
+kept in the run folder (its "store"), so that `evaluate`, `embed` and `figures`
+can rebuild exactly the data and model a run was trained on::
+
+    store/
+      config.json    the RunConfig (written first, through a temporary file)
+      checkpoints/   Orbax steps written by `train` after every epoch
+      metrics.json   the training history, once training has finished
+
+Randomness follows the chapter: `PRNGKey(seed)` is split into `rng_frames` (for
+figures), `rng_dataset` (splits), `rng_init` (weights) and `rng_train` (data
+order and dropout).
+"""
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import optax
+from flax.training.train_state import TrainState
+
+from dlfb_localization import checkpoint
+from dlfb_localization.dataset import Dataset
+from dlfb_localization.dataset.builder import DatasetBuilder
+from dlfb_localization.dataset.utils import count_unique_proteins
+from dlfb_localization.metrics import History
+from dlfb_localization.model import LocalizationModel
+from dlfb_localization.train import train
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Run", "RunConfig", "build_splits", "create_state", "load_run", "train_run"]
+
+SPLITS = {"train": 0.80, "valid": 0.10, "test": 0.10}
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides a run, with the chapter's values as defaults.
+
+    Attributes:
+      data: folder with the OpenCell release (or the sample format).
+      channels: image channels to train on (0 = protein).
+      cache_dtype: "float32" or "float16" (halves the cache).
+      seed: the run's seed (the chapter's 42).
+      n_proteins, max_frames: subsample proteins, then frames (None: all).
+      embedding_dim ... classification_head_layers: `LocalizationModel`'s.
+      standardize_inputs: `LocalizationModel.standardize_inputs`.
+      learning_rate: Adam's learning rate.
+      num_epochs, batch_size, classification_weight, eval_every: `train`'s.
+    """
+
+    data: str
+    channels: tuple[int, ...] = (0,)
+    cache_dtype: str = "float32"
+    seed: int = 42
+    n_proteins: int | None = None
+    max_frames: int | None = None
+    embedding_dim: int = 64
+    num_embeddings: int = 512
+    commitment_cost: float = 0.25
+    dropout_rate: float = 0.45
+    classification_head_layers: int = 2
+    standardize_inputs: bool = True
+    learning_rate: float = 1e-3
+    num_epochs: int = 10
+    batch_size: int = 256
+    classification_weight: float = 1.0
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", str(self.data))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.classification_weight < 0:
+            raise ValueError(
+                f"classification_weight must be >= 0, got {self.classification_weight}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "channels": list(self.channels)}
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown run settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+class Run(NamedTuple):
+    """A trained (or restored) run.
+
+    Attributes:
+      config: its `RunConfig`.
+      splits: "train", "valid" and "test" `Dataset`s.
+      state: the final `TrainState`.
+      metrics: `train`'s history.
+      rng_frames: the key the chapter uses to pick frames for figures.
+    """
+
+    config: RunConfig
+    splits: dict[str, Dataset]
+    state: TrainState
+    metrics: History
+    rng_frames: jax.Array
+
+
+class _Keys(NamedTuple):
+    frames: jax.Array
+    dataset: jax.Array
+    init: jax.Array
+    train: jax.Array
+
+
+def _keys(seed: int) -> _Keys:
+    rng = jax.random.PRNGKey(seed)
+    rng, rng_frames, rng_dataset = jax.random.split(rng, 3)
+    _, rng_init, rng_train = jax.random.split(rng, 3)
+    return _Keys(rng_frames, rng_dataset, rng_init, rng_train)
+
+
+def build_splits(config: RunConfig, progress: bool = False) -> dict[str, Dataset]:
+    """The chapter's fov-exclusive 80/10/10 splits of `config.data`."""
+    builder = DatasetBuilder(
+        config.data,
+        channels=config.channels,
+        progress=progress,
+        cache_dtype=config.cache_dtype,
+    )
+    return builder.build(
+        rng=_keys(config.seed).dataset,
+        splits=SPLITS,
+        exclusive_by="fov_id",
+        n_proteins=config.n_proteins,
+        max_frames=config.max_frames,
+    )
+
+
+def create_state(config: RunConfig, splits: dict[str, Dataset]) -> TrainState:
+    """The initial `TrainState` of the run's model and Adam optimizer."""
+    model = LocalizationModel(
+        num_classes=count_unique_proteins(splits),
+        embedding_dim=config.embedding_dim,
+        num_embeddings=config.num_embeddings,
+        commitment_cost=config.commitment_cost,
+        dropout_rate=config.dropout_rate,
+        classification_head_layers=config.classification_head_layers,
+        standardize_inputs=config.standardize_inputs,
+    )
+    return model.create_train_state(
+        rng=_keys(config.seed).init,
+        dummy_input=splits["train"].get_dummy_input(),
+        tx=optax.adam(config.learning_rate),
+    )
+
+
+def _write_json_atomic(value: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_config(store: Path) -> RunConfig:
+    path = store / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{store} is not a run folder (no {CONFIG_FILE}); train one with "
+            "`dlfb-localization train --data DATA --store STORE`"
+        )
+    try:
+        return RunConfig.from_json(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise ValueError(f"{path} is not a valid run configuration: {error}") from None
+
+
+def train_run(
+    config: RunConfig, store: str | os.PathLike, progress: bool = True
+) -> Run:
+    """Trains (or resumes, or restores) the run `config` in the folder `store`.
+
+    A folder holding another configuration is refused with
+    `checkpoint.ConfigMismatchError` naming the differing settings; nothing in
+    it is changed.
+    """
+    store = Path(store)
+    if (store / CONFIG_FILE).is_file():
+        stored = _read_config(store)
+        differences = checkpoint.find_config_differences(
+            stored.to_json(), config.to_json()
+        )
+        if differences:
+            raise checkpoint.ConfigMismatchError(
+                f"{store} holds a run with other settings; use another --store. "
+                "Differences: " + "; ".join(differences)
+            )
+    splits = build_splits(config, progress=progress)
+    state = create_state(config, splits)
+    store.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(config.to_json(), store / CONFIG_FILE)
+    state, metrics = train(
+        state=state,
+        rng=_keys(config.seed).train,
+        dataset_splits=splits,
+        num_epochs=config.num_epochs,
+        batch_size=config.batch_size,
+        classification_weight=config.classification_weight,
+        eval_every=config.eval_every,
+        store_path=store / CHECKPOINTS,
+    )
+    _write_json_atomic(metrics, store / METRICS_FILE)
+    return Run(config, splits, state, metrics, _keys(config.seed).frames)
+
+
+def load_run(store: str | os.PathLike, progress: bool = False) -> Run:
+    """The latest checkpoint of the run in `store`, with its data and metrics.
+
+    Raises:
+      FileNotFoundError: `store` is not a run folder or has no checkpoint yet.
+      checkpoint.ConfigMismatchError: the data changed since training.
+    """
+    store = Path(store)
+    config = _read_config(store)
+    splits = build_splits(config, progress=progress)
+    state = create_state(config, splits)
+    run_config = checkpoint.build_run_config(
+        state,
+        _keys(config.seed).train,
+        splits,
+        num_epochs=config.num_epochs,
+        batch_size=config.batch_size,
+        classification_weight=config.classification_weight,
+        eval_every=config.eval_every,
+    )
+    manager = checkpoint.open_manager(store / CHECKPOINTS)
+    try:
+        restored = checkpoint.restore_run(manager, state, run_config)
+    finally:
+        manager.close()
+    if restored is None:
+        raise FileNotFoundError(
+            f"{store / CHECKPOINTS} holds no finished epoch yet; train first"
+        )
+    if restored.epoch + 1 < config.num_epochs:
+        logger.warning(
+            "%s: training stopped after epoch %d of %d; using that checkpoint",
+            store,
+            restored.epoch + 1,
+            config.num_epochs,
+        )
+    return Run(
+        config, splits, restored.state, restored.metrics, _keys(config.seed).frames
+    )
