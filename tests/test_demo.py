@@ -1,0 +1,68 @@
+"""The main job (README's first command), on a shrunken sample and model."""
+
+import json
+
+import pytest
+
+from dlfb_localization import demo
+from dlfb_localization.dataset.synthetic import SyntheticSpec
+
+
+@pytest.fixture
+def tiny_demo(monkeypatch):
+    monkeypatch.setattr(
+        demo,
+        "EMBEDDED_SAMPLE",
+        SyntheticSpec(n_proteins=8, fovs_per_protein=3, crops_per_fov=4, image_size=32),
+    )
+    monkeypatch.setattr(
+        demo,
+        "EVALUATION_SAMPLE",
+        SyntheticSpec(
+            n_proteins=12, fovs_per_protein=1, crops_per_fov=4, image_size=32, seed=1
+        ),
+    )
+    monkeypatch.setattr(
+        demo,
+        "DEMO_TRAINING",
+        {"embedding_dim": 8, "num_embeddings": 16, "batch_size": 8, "num_epochs": 2},
+    )
+
+
+@pytest.mark.slow
+def test_demo_writes_every_figure_and_the_report(tiny_demo, tmp_path, capsys):
+    report = demo.run(tmp_path / "run")
+    out = tmp_path / "run"
+    figures = {p.stem for p in (out / "figures").glob("*.png")}
+    for model in ("with_head", "without_head"):
+        for kind in (
+            "reconstructions",
+            "losses",
+            "perplexity",
+            "codebook",
+            "feature_correlation",
+            "feature_spectra",
+        ):
+            assert f"{kind}_{model}" in figures
+    assert {"random_frames", "umap"} <= figures
+    text = report.read_text()
+    for figure in figures:
+        assert f"figures/{figure}.png" in text
+    results = json.loads((out / "report.json").read_text())
+    assert set(results) == {"untrained", "with_head", "without_head"}
+    assert "| No ClassificationHead | codebook_histogram |" in text
+    assert str(report.resolve()) in capsys.readouterr().out
+
+    # A second run restores both models instead of training them again.
+    steps = {
+        m: sorted(p.name for p in (out / "runs" / m / "checkpoints").iterdir())
+        for m in ("with_head", "without_head")
+    }
+    demo.run(out)
+    assert "Epoch 1" not in capsys.readouterr().err
+    for model, names in steps.items():
+        assert (
+            sorted(p.name for p in (out / "runs" / model / "checkpoints").iterdir())
+            == names
+        )
+    assert json.loads((out / "report.json").read_text()) == results
