@@ -1,4 +1,15 @@
-"""Every Colab notebook runs end to end on the embedded sample."""
+"""Every Colab notebook runs end to end on the embedded sample, with tiny sizes.
+
+As papermill does, a cell is injected right after each notebook's cell tagged
+`parameters`: it overrides the size knobs with tiny values and sets environment
+variables before anything imports JAX or the library. All notebooks run, in the
+order 01, 02, …, in one working folder that they share: the sample lands in the
+same `SAMPLE_DIR`, and `DLFB_ASSETS_DIR` (read by `dlfb_localization.assets` at
+call time) points the models into it, so 04 and 05 restore the models that 03
+and 04 stored instead of training them again (checked below).
+`JAX_COMPILATION_CACHE_DIR` lets later kernels reuse what earlier ones compiled.
+Each notebook also runs alone (e.g. `-k 05`); it then trains what it needs.
+"""
 
 from pathlib import Path
 
@@ -7,6 +18,73 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "colab").glob("*.ipynb"))
+PARAMETERS_TAG = "parameters"
+# Small enough for a 2-core CPU; a notebook ignores the knobs it does not use.
+TINY_PARAMETERS = {
+    "NUM_EPOCHS": 1,
+    "BATCH_SIZE": 16,
+    "EMBEDDING_DIM": 8,
+    "NUM_EMBEDDINGS": 32,
+    "N_FRAMES": 4,
+    "SAMPLE_PROTEINS": 12,
+    "SAMPLE_CROPS_PER_FOV": 6,
+}
+
+
+def inject_parameters(
+    notebook: nbformat.NotebookNode, parameters: dict, environment: dict[str, str]
+) -> int:
+    """Inserts a cell setting `environment` and `parameters` right after the
+    `parameters` cell; returns the new cell's index.
+
+    Raises:
+      ValueError: the notebook has no (or more than one) code cell tagged
+        `parameters`, so there is nowhere to put its sizes.
+    """
+    tagged = [
+        index
+        for index, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code"
+        and PARAMETERS_TAG in cell.get("metadata", {}).get("tags", [])
+    ]
+    if len(tagged) != 1:
+        raise ValueError(
+            f"a notebook needs exactly one code cell tagged {PARAMETERS_TAG!r} "
+            f"holding its size knobs, found {len(tagged)}"
+        )
+    lines = [
+        "import os",
+        "",
+        *(f"os.environ[{name!r}] = {value!r}" for name, value in environment.items()),
+        *(f"{name} = {value!r}" for name, value in parameters.items()),
+    ]
+    cell = nbformat.v4.new_code_cell(
+        "\n".join(lines), metadata={"tags": ["injected-parameters"]}
+    )
+    notebook.cells.insert(tagged[0] + 1, cell)
+    return tagged[0] + 1
+
+
+def kernel_environment(workdir: Path) -> dict[str, str]:
+    return {
+        "DLFB_ASSETS_DIR": str(workdir / "assets"),
+        "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"),
+        # Unoptimised numba: UMAP compiles in two thirds of the time, and the
+        # sample is too small for the slower code to matter.
+        "NUMBA_OPT": "0",
+    }
+
+
+def stored_models(workdir: Path) -> set[str]:
+    """Names of the folders `assets("localization/models/<name>")` holds."""
+    models = workdir / "assets" / "localization" / "models"
+    return {p.name for p in models.iterdir()} if models.is_dir() else set()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """The kernels' working folder, shared by all notebooks of this module."""
+    return tmp_path_factory.mktemp("notebooks")
 
 
 def test_there_are_notebooks():
@@ -14,14 +92,42 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, tmp_path):
+def test_notebook_is_stored_without_outputs(path):
     notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    assert notebook.nbformat == 4
+    assert notebook.metadata["kernelspec"]["name"] == "python3"
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, cell.source
+
+
+def test_a_notebook_without_parameters_cell_fails_the_precondition(tmp_path):
+    notebook = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("NUM_EPOCHS = 10")]
+    )
+    with pytest.raises(ValueError, match="tagged 'parameters'"):
+        inject_parameters(notebook, TINY_PARAMETERS, kernel_environment(tmp_path))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs(path, workdir):
+    notebook = nbformat.read(path, as_version=4)
+    injected = inject_parameters(notebook, TINY_PARAMETERS, kernel_environment(workdir))
+    stored_before = stored_models(workdir)
     client = NotebookClient(
         notebook,
         timeout=600,
         kernel_name="python3",
-        resources={"metadata": {"path": str(tmp_path)}},
+        resources={"metadata": {"path": str(workdir)}},
     )
     client.execute()  # raises CellExecutionError, with the cell, on any error
+    assert notebook.cells[injected].get("outputs") == []
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
     assert any(o.get("output_type") == "display_data" for o in outputs), "no figure"
+    # A model that an earlier notebook stored is restored: no progress bar.
+    for cell in notebook.cells:
+        for name in stored_before:
+            if f'assets("localization/models/{name}")' in cell.source:
+                log = "".join(o.get("text", "") for o in cell.get("outputs", []))
+                assert "Epoch" not in log, f"trained {name!r} again, not restored"
