@@ -77,7 +77,7 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
     }
     runs = {}
     for i, (name, (title, _)) in enumerate(MODELS.items()):
-        print(f"[2/5] training {title.lower()} ({i + 1} of {len(MODELS)})")
+        print(f"[2/5] training {i + 1} of {len(MODELS)}: {title}")
         runs[name] = train_run(configs[name], out / "runs" / name)
 
     print("[3/5] evaluating on unseen proteins (k-NN, cluster scores, UMAPs)")
