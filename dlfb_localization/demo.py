@@ -15,7 +15,6 @@ checkpoints instead of trained again.
 """
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.synthetic import SyntheticSpec, write_release
 from dlfb_localization.evaluate import evaluate
 from dlfb_localization.figures import save_figure, write_model_figures
+from dlfb_localization.files import write_json, write_text
 from dlfb_localization.runs import RunConfig, create_state, train_run
 
 EMBEDDED_SAMPLE = SyntheticSpec(
@@ -116,9 +116,10 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
 
     print("[5/5] writing the report")
     report = out / "report.md"
-    (out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
-    report.write_text(
-        _report(configs, runs, results, written, out, time.perf_counter() - started)
+    write_json(results, out / "report.json")
+    write_text(
+        _report(configs, runs, results, written, out, time.perf_counter() - started),
+        report,
     )
     print(f"run folder: {out.resolve()}\nreport: {report.resolve()}")
     return report

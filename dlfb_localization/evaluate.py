@@ -19,11 +19,9 @@ a trained model must beat.
 """
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +39,7 @@ from dlfb_localization.embeddings import (
     iterate_inference_batches,
     protein_localizations,
 )
+from dlfb_localization.files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -476,7 +475,7 @@ def evaluate(
         ),
     }
     if out_path is not None:
-        _write_json(result, Path(out_path))
+        write_json(result, out_path)
     return result
 
 
@@ -570,13 +569,3 @@ def _score_clusters(
             score = compute_cluster_score(coordinates[mask], labels[mask])
             scores[mode][name] = _finite_or_none(score)
     return scores
-
-
-def _write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    logger.info("wrote %s", path)

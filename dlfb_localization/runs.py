@@ -30,6 +30,7 @@ from dlfb_localization import checkpoint
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.utils import count_unique_proteins
+from dlfb_localization.files import write_json
 from dlfb_localization.metrics import History
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.train import train
@@ -167,12 +168,6 @@ def create_state(config: RunConfig, splits: dict[str, Dataset]) -> TrainState:
     )
 
 
-def _write_json_atomic(value: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_config(store: Path) -> RunConfig:
     path = store / CONFIG_FILE
     if not path.is_file():
@@ -209,7 +204,7 @@ def train_run(
     splits = build_splits(config, progress=progress)
     state = create_state(config, splits)
     store.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(config.to_json(), store / CONFIG_FILE)
+    write_json(config.to_json(), store / CONFIG_FILE)
     state, metrics = train(
         state=state,
         rng=_keys(config.seed).train,
@@ -220,7 +215,7 @@ def train_run(
         eval_every=config.eval_every,
         store_path=store / CHECKPOINTS,
     )
-    _write_json_atomic(metrics, store / METRICS_FILE)
+    write_json(metrics, store / METRICS_FILE)
     return Run(config, splits, state, metrics, _keys(config.seed).frames)
 
 
