@@ -11,6 +11,7 @@ from flax.training.train_state import TrainState
 
 from dlfb_localization.evaluate import reconstruct
 from dlfb_localization.model import LocalizationModel
+from dlfb_localization.model.decoder import resize_then_conv, upsample2_conv3x3
 from dlfb_localization.model.quantizer import lookup_codes
 from dlfb_localization.train import compute_losses
 
@@ -79,6 +80,29 @@ def test_decoder_output_channels_follow_the_input():
     _, outputs = _abstract_outputs(TINY, (2, 16, 16, 3))
 
     assert outputs.decoded.shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3, 2), (1, 2, 2, 1, 1), (2, 25, 25, 4, 3)])
+def test_upsampling_from_the_small_image_is_resize_then_conv(shape):
+    batch, height, width, channels, out = shape
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, height, width, channels)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, channels, out)), jnp.float32)
+
+    def loss(fn, x, kernel):
+        return jnp.sum(jnp.sin(fn(x, kernel)))
+
+    chapter = functools.partial(resize_then_conv, upfactor=2)
+    np.testing.assert_allclose(
+        upsample2_conv3x3(x, kernel), chapter(x, kernel), rtol=1e-5, atol=1e-4
+    )
+    # Including the border ring, and the gradients for both arguments.
+    for ours, theirs in zip(
+        jax.grad(functools.partial(loss, upsample2_conv3x3), argnums=(0, 1))(x, kernel),
+        jax.grad(functools.partial(loss, chapter), argnums=(0, 1))(x, kernel),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_one_head_layer_is_a_single_dense():
