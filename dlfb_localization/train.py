@@ -16,6 +16,7 @@ from dlfb_localization import checkpoint
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.prefetch import prefetch_to_device
 from dlfb_localization.metrics import History, MetricsLogger
+from dlfb_localization.model.quantizer import compute_code_usage
 from dlfb_localization.model.vqvae import LocalizationModel, ModelOutputs
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ __all__ = [
     "TrainState",
     "compute_losses",
     "compute_metrics",
+    "default_microbatches",
     "eval_step",
     "train",
     "train_step",
@@ -103,8 +105,10 @@ def _compute_objective(
     classification_weight: jax.Array,
     is_training: bool,
     rngs: dict[str, jax.Array] | None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Forward pass, losses and metrics: the one path both steps take."""
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array]]:
+    """Forward pass, losses and metrics: the one path both steps take.
+
+    Returns `(total_loss, (metrics, code_indices))`."""
     outputs = state.apply_fn(
         {"params": params},
         batch["images"],
@@ -113,21 +117,64 @@ def _compute_objective(
         method=LocalizationModel.compute_outputs,
     )
     losses = compute_losses(outputs, batch, classification_weight)
-    return losses["total_loss"], {**losses, **compute_metrics(outputs, batch)}
+    metrics = {**losses, **compute_metrics(outputs, batch)}
+    return losses["total_loss"], (metrics, outputs.vq.indices)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+# Frames per device in one forward/backward pass of a CPU train step. At the
+# chapter's batch of 256, XLA:CPU's scratch for one pass is ~3 GB: every step
+# page-faults it in, and the activations fall out of cache between layers.
+# Four passes of 64 with their gradients summed do the same arithmetic in
+# 2.1 GB and run ~1.5x faster (benchmarks/bench_train_step.py). Accelerators
+# keep the whole batch in one pass.
+CPU_MICROBATCH = 64
+
+
+def default_microbatches(batch_size: int, n_devices: int = 1) -> int:
+    """How many passes `train_step` splits a batch into on this backend.
+
+    `batch_size // (64 * n_devices)` on CPU when that divides the batch evenly
+    (so every pass has the same size and the summed gradient is exactly the
+    full batch's), else 1; always 1 on GPU and TPU.
+    """
+    per_pass = CPU_MICROBATCH * n_devices
+    if jax.default_backend() != "cpu" or batch_size % per_pass:
+        return 1
+    return max(batch_size // per_pass, 1)
+
+
+def _split_microbatches(batch: Batch, microbatches: int) -> list[Batch]:
+    # Pass i takes frames i, i + m, i + 2m, ...: a batch split over devices in
+    # contiguous blocks then gives every device the same share of every pass,
+    # with no data moved between devices.
+    def take(x, i):
+        return x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])[:, i]
+
+    return [
+        {key: take(batch[key], i) for key in ("images", "labels")}
+        for i in range(microbatches)
+    ]
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="microbatches")
 def train_step(
     state: TrainState,
     batch: Batch,
     rng_dropout: jax.Array,
     classification_weight: float | jax.Array,
+    microbatches: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step.
 
     Dropout uses `fold_in(rng_dropout, state.step)`, so passing the same key at
     every step still gives fresh, reproducible masks (a resumed run repeats
     them). `state`'s buffers are donated: use the returned state.
+
+    With `microbatches=m > 1` the batch is processed in `m` equal passes whose
+    gradients are averaged before the one update: the same objective as one
+    pass (every loss is a mean over equal-sized parts), in less memory. Metrics
+    are those of the whole batch (code usage is counted over all passes).
+    `train` picks `default_microbatches`.
 
     Args:
       state: `TrainState` of a `LocalizationModel`.
@@ -136,16 +183,48 @@ def train_step(
       rng_dropout: JAX key for dropout.
       classification_weight: scalar weight of the classification loss (traced,
         so sweeping it does not recompile; keep its type fixed, e.g. float32).
+      microbatches: passes per step (static); must divide the batch size.
 
     Returns:
       `(new_state, metrics)`; metrics are the scalars of `compute_losses` and
       `compute_metrics`, computed with the parameters before the update.
     """
-    rngs = {"dropout": jax.random.fold_in(rng_dropout, state.step)}
+    rng = jax.random.fold_in(rng_dropout, state.step)
     grad_fn = jax.value_and_grad(_compute_objective, has_aux=True)
-    (_, metrics), grads = grad_fn(
-        state.params, state, batch, classification_weight, True, rngs
+    if microbatches == 1:
+        (_, (metrics, _)), grads = grad_fn(
+            state.params, state, batch, classification_weight, True, {"dropout": rng}
+        )
+        return state.apply_gradients(grads=grads), metrics
+
+    if batch["labels"].shape[0] % microbatches:
+        raise ValueError(
+            f"microbatches={microbatches} does not divide the batch of "
+            f"{batch['labels'].shape[0]}"
+        )
+    grads, metrics, indices = None, [], []
+    for i, part in enumerate(_split_microbatches(batch, microbatches)):
+        if grads is not None:
+            # Finish pass i - 1 before pass i starts, or XLA schedules the
+            # forward passes side by side and the memory saving is lost.
+            grads, part = jax.lax.optimization_barrier((grads, part))
+        rngs = {"dropout": jax.random.fold_in(rng, i)}
+        (_, (part_metrics, part_indices)), part_grads = grad_fn(
+            state.params, state, part, classification_weight, True, rngs
+        )
+        grads = (
+            part_grads if grads is None else jax.tree.map(jnp.add, grads, part_grads)
+        )
+        metrics.append(part_metrics)
+        indices.append(part_indices)
+    grads = jax.tree.map(lambda g: g / microbatches, grads)
+    metrics = jax.tree.map(lambda *values: jnp.mean(jnp.stack(values)), *metrics)
+    usage = compute_code_usage(
+        jnp.stack(indices), state.params["vector_quantizer"]["codebook"].shape[1]
     )
+    metrics["perplexity"] = usage.perplexity
+    metrics["codebook_used_fraction"] = usage.used_fraction
+    metrics["codebook_max_share"] = usage.max_share
     return state.apply_gradients(grads=grads), metrics
 
 
@@ -163,7 +242,7 @@ def eval_step(
     Returns:
       The scalars of `compute_losses` and `compute_metrics`.
     """
-    _, metrics = _compute_objective(
+    _, (metrics, _) = _compute_objective(
         state.params, state, batch, classification_weight, False, None
     )
     return metrics
@@ -320,6 +399,7 @@ def train(
     state = parallel.place_state(state)
     rng_data, rng_dropout = jax.random.split(rng)
     weight = jnp.float32(classification_weight)
+    microbatches = default_microbatches(batch_size, parallel.n_devices)
     history = MetricsLogger()
     start_epoch = 0
     manager = None
@@ -358,7 +438,7 @@ def train(
             sharding = parallel.batch_sharding(batch_size)
             for batch in prefetch_to_device(batches, device=sharding):
                 state, metrics = train_step(
-                    state, _model_inputs(batch), rng_dropout, weight
+                    state, _model_inputs(batch), rng_dropout, weight, microbatches
                 )
                 history.log_step("train", metrics, weight=len(batch["labels"]))
 

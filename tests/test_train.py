@@ -88,6 +88,50 @@ def test_zero_classification_weight_leaves_the_head_untouched():
     )
 
 
+def test_microbatched_step_is_the_full_batch_step():
+    # Plain SGD, so the update is the gradient itself (Adam's first step turns
+    # the rounding noise of near-zero gradients into full-size steps).
+    def sgd_state():
+        dummy_input = np.zeros((1, 16, 16, 1), dtype=np.float32)
+        return MODEL.create_train_state(jax.random.key(0), dummy_input, optax.sgd(1.0))
+
+    batch = make_batch(n=8, seed=3)
+    before = jax.device_get(sgd_state().params)
+    whole_state, whole = train_step(sgd_state(), batch, jax.random.key(0), WEIGHT)
+    parts_state, parts = train_step(
+        sgd_state(), batch, jax.random.key(0), WEIGHT, microbatches=4
+    )
+
+    # Same objective, summed in a different order: equal to float rounding.
+    for old, a, b in zip(
+        jax.tree.leaves(before),
+        jax.tree.leaves(whole_state.params),
+        jax.tree.leaves(parts_state.params),
+        strict=True,
+    ):
+        np.testing.assert_allclose(old - b, old - a, rtol=1e-4, atol=1e-6)
+    assert set(parts) == set(whole)
+    for name in whole:
+        np.testing.assert_allclose(parts[name], whole[name], rtol=1e-5, err_msg=name)
+    # Code usage is counted over the whole batch, not averaged over the passes.
+    one_pass = train_step(
+        sgd_state(), {k: v[::4] for k, v in batch.items()}, jax.random.key(0), WEIGHT
+    )[1]
+    assert float(parts["perplexity"]) > float(one_pass["perplexity"])
+
+
+def test_microbatches_must_divide_the_batch():
+    with pytest.raises(ValueError, match="does not divide"):
+        train_step(make_state(), make_batch(n=6), jax.random.key(0), WEIGHT, 4)
+
+
+def test_default_microbatches_split_only_cpu_batches_of_whole_passes():
+    assert train_module.default_microbatches(256) == 4
+    assert train_module.default_microbatches(256, n_devices=2) == 2
+    assert train_module.default_microbatches(100) == 1
+    assert train_module.default_microbatches(32) == 1
+
+
 def test_eval_and_train_compute_the_same_losses_without_dropout():
     state, batch = make_state(), make_batch()
 
