@@ -5,6 +5,7 @@ Run by hand (never by the tests):
     python benchmarks/bench_train_step.py              # the chapter's settings
     python benchmarks/bench_train_step.py --steps 20   # a steadier estimate
     python benchmarks/bench_train_step.py --microbatches 1  # one pass per step
+    python benchmarks/bench_train_step.py --dtype bfloat16  # mixed precision
 
 It times `train_step` on random 100x100x1 inputs (batch 256, K=512, D=64, 50
 classes, Adam 1e-3) after warm-up steps that include compilation, with the
@@ -49,6 +50,12 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype (parameters stay float32)",
+    )
+    parser.add_argument(
         "--microbatches", type=int, default=None, help="default: what train uses"
     )
     return parser.parse_args()
@@ -85,6 +92,7 @@ def main() -> None:
         commitment_cost=0.25,
         dropout_rate=0.45,
         classification_head_layers=2,
+        dtype=args.dtype,
     )
     shape = (args.batch_size, args.image_size, args.image_size, args.channels)
     data_rng = np.random.default_rng(args.seed)
@@ -126,6 +134,7 @@ def main() -> None:
                 / 1e9
                 / matmul_gflops,
                 "microbatches": microbatches,
+                "dtype": args.dtype,
                 "s_per_step": elapsed / args.steps,
                 "warmup_s_incl_compile": warmup_s,
                 "peak_rss_mib": _peak_rss_mib(),

@@ -79,6 +79,10 @@ def _to_json(value: Any) -> Any:
         return _to_json(np.asarray(value).tolist())
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, np.dtype) or (
+        isinstance(value, type) and hasattr(value, "dtype")
+    ):
+        return str(np.dtype(value))  # e.g. a model's dtype=jnp.bfloat16
     if value is None or isinstance(value, bool | int | float | str):
         return value
     raise TypeError(f"cannot store {type(value).__name__} as JSON: {value!r}")

@@ -250,6 +250,13 @@ def _add_train(commands) -> None:
     train.add_argument(
         "--cache-dtype", choices=("float32", "float16"), default=defaults.cache_dtype
     )
+    train.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16"),
+        default=defaults.compute_dtype,
+        help="bfloat16: mixed precision (float32 parameters) for GPU and TPU "
+        f"(default: {defaults.compute_dtype})",
+    )
     numbers = {
         "--seed": ("seed", int, "seed of splits, weights and batches"),
         "--n-proteins": ("n_proteins", int, "use this many random proteins"),

@@ -57,6 +57,7 @@ class RunConfig:
       n_proteins, max_frames: subsample proteins, then frames (None: all).
       embedding_dim ... classification_head_layers: `LocalizationModel`'s.
       standardize_inputs: `LocalizationModel.standardize_inputs`.
+      compute_dtype: `LocalizationModel.dtype`, "float32" or "bfloat16".
       learning_rate: Adam's learning rate.
       num_epochs, batch_size, classification_weight, eval_every: `train`'s.
     """
@@ -73,6 +74,7 @@ class RunConfig:
     dropout_rate: float = 0.45
     classification_head_layers: int = 2
     standardize_inputs: bool = True
+    compute_dtype: str = "float32"
     learning_rate: float = 1e-3
     num_epochs: int = 10
     batch_size: int = 256
@@ -160,6 +162,7 @@ def create_state(config: RunConfig, splits: dict[str, Dataset]) -> TrainState:
         dropout_rate=config.dropout_rate,
         classification_head_layers=config.classification_head_layers,
         standardize_inputs=config.standardize_inputs,
+        dtype=config.compute_dtype,
     )
     return model.create_train_state(
         rng=_keys(config.seed).init,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import _train_worker as worker
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -205,6 +206,11 @@ def test_a_different_configuration_is_refused_by_name(reference):
         worker.run(store_path, state=worker.make_state(seed=3))
     with pytest.raises(ConfigMismatchError, match=r"optimizer\.probe_update"):
         worker.run(store_path, state=worker.make_state(tx=optax.adam(1e-2)))
+    mixed = worker.MODEL.clone(dtype=jnp.bfloat16).create_train_state(
+        jax.random.key(0), np.zeros((1, 16, 16, 1), np.float32), worker.TX
+    )
+    with pytest.raises(ConfigMismatchError, match="dtype: stored 'float32', now"):
+        worker.run(store_path, state=mixed)
     splits = worker.make_splits()
     splits["valid"] = splits["train"]
     with pytest.raises(ConfigMismatchError, match=r"data\.valid"):

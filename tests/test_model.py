@@ -203,6 +203,7 @@ def test_gradients_flow_where_the_paper_says(tiny):
         ("dropout_rate", 1.0),
         ("classification_head_layers", 0),
         ("commitment_cost", -0.1),
+        ("dtype", jnp.float16),
     ],
 )
 def test_invalid_hyperparameters_name_the_field(field, value):
@@ -237,3 +238,36 @@ def test_standardized_inputs_make_codes_blind_to_brightness(tiny):
     targets = np.asarray(outputs.targets)
     np.testing.assert_allclose(targets.mean(axis=(1, 2)), 0.0, atol=1e-5)
     np.testing.assert_allclose(targets.std(axis=(1, 2)), 1.0, atol=1e-4)
+
+
+def test_bfloat16_computes_in_bfloat16_and_keeps_float32_where_it_matters(tiny):
+    model, params, images = tiny
+    mixed = LocalizationModel(**TINY, dtype=jnp.bfloat16)
+    # The same parameter tree, all float32: bfloat16 is a compute setting only.
+    mixed_params = mixed.create_train_state(
+        jax.random.key(0), np.zeros((1, 16, 16, 1), np.float32), optax.adam(1e-3)
+    ).params
+    assert jax.tree.structure(mixed_params) == jax.tree.structure(params)
+    assert {x.dtype for x in jax.tree.leaves(mixed_params)} == {jnp.dtype("float32")}
+
+    def run(m, method, *args):
+        return m.apply({"params": params}, *args, method=method)
+
+    exact = run(model, LocalizationModel.compute_outputs, images, False)
+    approx = run(mixed, LocalizationModel.compute_outputs, images, False)
+    # Outputs come back as float32: the quantizer and the losses see float32.
+    assert approx.decoded.dtype == approx.logits.dtype == jnp.float32
+    assert approx.vq.quantized.dtype == jnp.float32
+    # Each part agrees to bfloat16's precision, given the same input (a code
+    # near a tie may flip, so the decoder and head get the float32 codes).
+    for method, args in [
+        (LocalizationModel.encode, (images,)),
+        (LocalizationModel.decode, (exact.vq.quantized, 1)),
+        (LocalizationModel.classify, (exact.vq.quantized, False)),
+    ]:
+        want = run(model, method, *args)
+        got = run(mixed, method, *args)
+        assert got.dtype == jnp.float32
+        assert not np.array_equal(got, want)
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(got, want, atol=0.03 * scale)

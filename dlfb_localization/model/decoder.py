@@ -1,5 +1,7 @@
 """The decoder: from a quantized latent grid back to an image."""
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -105,6 +107,7 @@ class _UpsampleConv(nn.Module):
 
     features: int
     upfactor: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -115,7 +118,7 @@ class _UpsampleConv(nn.Module):
             jnp.float32,
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        kernel = kernel.astype(x.dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if self.upfactor == 2 and min(x.shape[1:3]) >= 2:
             y = upsample2_conv3x3(x, kernel)
         else:
@@ -134,13 +137,15 @@ class Upsample(nn.Module):
     Attributes:
       latent_dim: output channels of the convolution.
       upfactor: spatial scale factor.
+      dtype: computation dtype (parameters stay float32).
     """
 
     latent_dim: int
     upfactor: int
+    dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.conv = _UpsampleConv(self.latent_dim, self.upfactor)
+        self.conv = _UpsampleConv(self.latent_dim, self.upfactor, dtype=self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Maps `[batch, h, w, c]` to `[batch, h * upfactor, w * upfactor,
@@ -157,9 +162,11 @@ class Decoder(nn.Module):
 
     Attributes:
       latent_dim: channels of the quantized latents.
+      dtype: computation dtype (parameters stay float32).
     """
 
     latent_dim: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, out_channels: int) -> jax.Array:
@@ -173,8 +180,8 @@ class Decoder(nn.Module):
           `[batch, 4 * h, 4 * w, out_channels]` reconstruction (no output
           activation, as in the chapter).
         """
-        x = ResnetBlock(self.latent_dim, name="res_block1")(x)
-        x = ResnetBlock(self.latent_dim, name="res_block2")(x)
-        x = Upsample(self.latent_dim // 2, upfactor=2, name="upsample1")(x)
+        x = ResnetBlock(self.latent_dim, dtype=self.dtype, name="res_block1")(x)
+        x = ResnetBlock(self.latent_dim, dtype=self.dtype, name="res_block2")(x)
+        x = Upsample(self.latent_dim // 2, 2, dtype=self.dtype, name="upsample1")(x)
         x = nn.relu(x)
-        return Upsample(out_channels, upfactor=2, name="upsample2")(x)
+        return Upsample(out_channels, 2, dtype=self.dtype, name="upsample2")(x)

@@ -1,9 +1,12 @@
 """The encoder, and the residual block it shares with the decoder."""
 
+import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 # Flax's (and the chapter's) GroupNorm default.
 _MAX_GROUPS = 32
@@ -19,16 +22,23 @@ class ResnetBlock(nn.Module):
 
     Attributes:
       latent_dim: channels in and out; the input must already have this many.
+      dtype: computation dtype (parameters stay float32; GroupNorm's statistics
+        are computed in float32 either way).
     """
 
     latent_dim: int
+    dtype: Any = jnp.float32
 
     def setup(self) -> None:
         num_groups = math.gcd(_MAX_GROUPS, self.latent_dim)
-        self.norm1 = nn.GroupNorm(num_groups=num_groups)
-        self.conv1 = nn.Conv(self.latent_dim, kernel_size=(3, 3), padding=1)
-        self.norm2 = nn.GroupNorm(num_groups=num_groups)
-        self.conv2 = nn.Conv(self.latent_dim, kernel_size=(3, 3), padding=1)
+        self.norm1 = nn.GroupNorm(num_groups=num_groups, dtype=self.dtype)
+        self.conv1 = nn.Conv(
+            self.latent_dim, kernel_size=(3, 3), padding=1, dtype=self.dtype
+        )
+        self.norm2 = nn.GroupNorm(num_groups=num_groups, dtype=self.dtype)
+        self.conv2 = nn.Conv(
+            self.latent_dim, kernel_size=(3, 3), padding=1, dtype=self.dtype
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Maps `[batch, h, w, latent_dim]` to the same shape."""
@@ -46,21 +56,24 @@ class Encoder(nn.Module):
 
     Attributes:
       latent_dim: output channels; the quantizer's `embedding_dim`.
+      dtype: computation dtype (parameters stay float32).
     """
 
     latent_dim: int
+    dtype: Any = jnp.float32
 
     def setup(self) -> None:
         # padding=1 with a 4x4 kernel and stride 2 halves even sizes exactly.
-        self.conv1 = nn.Conv(
+        conv = functools.partial(nn.Conv, dtype=self.dtype)
+        self.conv1 = conv(
             self.latent_dim // 2, kernel_size=(4, 4), strides=(2, 2), padding=1
         )
-        self.conv2 = nn.Conv(
+        self.conv2 = conv(
             self.latent_dim, kernel_size=(4, 4), strides=(2, 2), padding=1
         )
-        self.conv3 = nn.Conv(self.latent_dim, kernel_size=(3, 3), padding=1)
-        self.res_block1 = ResnetBlock(self.latent_dim)
-        self.res_block2 = ResnetBlock(self.latent_dim)
+        self.conv3 = conv(self.latent_dim, kernel_size=(3, 3), padding=1)
+        self.res_block1 = ResnetBlock(self.latent_dim, dtype=self.dtype)
+        self.res_block2 = ResnetBlock(self.latent_dim, dtype=self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Encodes images.

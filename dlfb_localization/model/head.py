@@ -1,7 +1,10 @@
 """The classification head (cytoself's "FcBlock")."""
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 # The chapter's hidden width.
 HIDDEN_FEATURES = 1000
@@ -18,11 +21,13 @@ class ClassificationHead(nn.Module):
       num_classes: number of protein ids.
       dropout_rate: dropout probability after each hidden layer.
       layers: number of Dense layers, at least 1.
+      dtype: computation dtype (parameters stay float32).
     """
 
     num_classes: int
     dropout_rate: float
     layers: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
@@ -31,7 +36,7 @@ class ClassificationHead(nn.Module):
         Dropout draws from the "dropout" rng stream when `is_training` is true.
         """
         for _ in range(self.layers - 1):
-            x = nn.Dense(features=HIDDEN_FEATURES)(x)
+            x = nn.Dense(features=HIDDEN_FEATURES, dtype=self.dtype)(x)
             x = nn.relu(x)
             x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not is_training)
-        return nn.Dense(features=self.num_classes)(x)
+        return nn.Dense(features=self.num_classes, dtype=self.dtype)(x)

@@ -1,7 +1,7 @@
 """`LocalizationModel`: the chapter's VQ-VAE with a protein-id head."""
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -47,6 +47,10 @@ def _init_params(model: nn.Module, rng: jax.Array, dummy_input: jax.Array):
     return model.init(rng, dummy_input, is_training=False)["params"]
 
 
+# float16 would need loss scaling; bfloat16 has float32's exponent range.
+_COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
 class LocalizationModel(nn.Module):
     """VQ-VAE (encoder, vector quantizer, decoder) with a classification head.
 
@@ -67,6 +71,10 @@ class LocalizationModel(nn.Module):
         which says little about where its protein lives, dominates the
         reconstruction loss and the codes; with it, codes describe patterns.
         `reconstruct` maps reconstructions back to the input's scale either way.
+      dtype: computation dtype of the encoder, decoder and head: float32 (the
+        default) or bfloat16 for mixed precision on GPU and TPU. Parameters,
+        optimizer state, the quantizer (distances, codes) and the losses stay
+        float32.
     """
 
     num_classes: int
@@ -76,8 +84,14 @@ class LocalizationModel(nn.Module):
     dropout_rate: float
     classification_head_layers: int
     standardize_inputs: bool = True
+    dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
+        if jnp.dtype(self.dtype) not in _COMPUTE_DTYPES:
+            raise ValueError(
+                f"dtype must be one of {[str(d) for d in _COMPUTE_DTYPES]}, "
+                f"got {self.dtype}"
+            )
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.embedding_dim < 2 or self.embedding_dim % 2:
@@ -101,17 +115,18 @@ class LocalizationModel(nn.Module):
         super().__post_init__()
 
     def setup(self) -> None:
-        self.encoder = Encoder(latent_dim=self.embedding_dim)
+        self.encoder = Encoder(latent_dim=self.embedding_dim, dtype=self.dtype)
         self.vector_quantizer = VectorQuantizer(
             num_embeddings=self.num_embeddings,
             embedding_dim=self.embedding_dim,
             commitment_cost=self.commitment_cost,
         )
-        self.decoder = Decoder(latent_dim=self.embedding_dim)
+        self.decoder = Decoder(latent_dim=self.embedding_dim, dtype=self.dtype)
         self.classification_head = ClassificationHead(
             num_classes=self.num_classes,
             dropout_rate=self.dropout_rate,
             layers=self.classification_head_layers,
+            dtype=self.dtype,
         )
 
     def prepare_inputs(self, x: jax.Array) -> jax.Array:
@@ -129,8 +144,9 @@ class LocalizationModel(nn.Module):
         return decoded * std + mean
 
     def encode(self, x: jax.Array) -> jax.Array:
-        """Maps `[batch, H, W, C]` images to `[batch, H/4, W/4, D]` latents."""
-        return self.encoder(self.prepare_inputs(x))
+        """Maps `[batch, H, W, C]` images to `[batch, H/4, W/4, D]` float32
+        latents."""
+        return self.encoder(self.prepare_inputs(x)).astype(jnp.float32)
 
     def quantize(self, latents: jax.Array) -> VQOutput:
         """Snaps `[batch, h, w, D]` latents to the codebook (see `VQOutput`)."""
@@ -138,13 +154,13 @@ class LocalizationModel(nn.Module):
 
     def decode(self, quantized: jax.Array, out_channels: int) -> jax.Array:
         """Maps `[batch, h, w, D]` codes to `[batch, 4h, 4w, out_channels]`."""
-        return self.decoder(quantized, out_channels)
+        return self.decoder(quantized, out_channels).astype(jnp.float32)
 
     def classify(self, quantized: jax.Array, is_training: bool) -> jax.Array:
         """Maps `[batch, h, w, D]` codes to `[batch, num_classes]` logits."""
         return self.classification_head(
             quantized.reshape(quantized.shape[0], -1), is_training
-        )
+        ).astype(jnp.float32)
 
     def compute_outputs(self, x: jax.Array, is_training: bool) -> ModelOutputs:
         """Runs a forward pass and returns named outputs.
@@ -159,7 +175,7 @@ class LocalizationModel(nn.Module):
           `targets` (see `restore_scale`).
         """
         targets = self.prepare_inputs(x)
-        vq = self.quantize(self.encoder(targets))
+        vq = self.quantize(self.encoder(targets).astype(jnp.float32))
         return ModelOutputs(
             decoded=self.decode(vq.quantized, out_channels=x.shape[-1]),
             logits=self.classify(vq.quantized, is_training),
