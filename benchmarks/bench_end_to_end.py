@@ -1,0 +1,123 @@
+"""End-to-end training throughput against the train step alone, same process.
+
+Run by hand (never by the tests):
+
+    python benchmarks/bench_end_to_end.py --workdir /tmp/dlfb_bench_e2e
+
+Writes a generator release of `--proteins` x 4 fields x 20 crops (once; reused
+if present), builds the chapter's splits from its cache, and at the chapter's
+configuration (batch 256, K=512, D=64, 50 classes, Adam 1e-3):
+
+1. trains one epoch with `train` to compile both steps (not timed);
+2. times `train` from a fresh state for `--epochs` epochs: shuffled batches
+   from the memmap, the prefetching thread, host-to-device copies, metric
+   logging, the end-of-epoch bookkeeping and what a run pays once (copying the
+   state onto the devices), with a validation split of 8 frames so that the
+   time is the training pass's;
+3. times the same number of `train_step` calls on one batch already on the
+   device, with the same passes per step.
+
+Prints JSON with both rates and their ratio (1.0: the pipeline costs nothing).
+On a 2-core machine, runs of a few minutes vary by ~3%: use enough steps.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dlfb_localization.dataset import Dataset
+from dlfb_localization.dataset.synthetic import SyntheticSpec, write_release
+from dlfb_localization.model import LocalizationModel
+from dlfb_localization.runs import RunConfig, build_splits
+from dlfb_localization.train import default_microbatches, train, train_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--proteins", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/dlfb_bench_e2e"))
+    args = parser.parse_args()
+
+    spec = SyntheticSpec(n_proteins=args.proteins, fovs_per_protein=4, crops_per_fov=20)
+    data = args.workdir / f"release_{spec.n_proteins}p"
+    if not (data / "Label_data00.csv").exists():
+        write_release(data, spec, progress=True)
+    splits = build_splits(RunConfig(data=str(data)), progress=True)
+    train_split = splits["train"]
+    small_valid = Dataset.from_arrays(
+        np.zeros((8, *train_split.image_shape), np.float32), np.arange(8) % 2
+    )
+    datasets = {"train": train_split, "valid": small_valid}
+
+    model = LocalizationModel(
+        num_classes=50,
+        embedding_dim=64,
+        num_embeddings=512,
+        commitment_cost=0.25,
+        dropout_rate=0.45,
+        classification_head_layers=2,
+    )
+    tx = optax.adam(1e-3)
+
+    def fresh_state():
+        return model.create_train_state(
+            jax.random.key(0), train_split.get_dummy_input(), tx
+        )
+
+    def run_epochs(num_epochs: int) -> float:
+        state = fresh_state()
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+        state, _ = train(
+            state, jax.random.key(1), datasets, num_epochs, args.batch_size, 1.0
+        )
+        jax.block_until_ready(state)
+        return time.perf_counter() - start
+
+    run_epochs(1)  # compiles train_step and eval_step
+    train_s = run_epochs(args.epochs)
+    steps = args.epochs * (len(train_split) // args.batch_size)
+
+    microbatches = default_microbatches(args.batch_size, jax.device_count())
+    batch = next(train_split.get_batches(jax.random.key(2), args.batch_size))
+    batch = jax.device_put({k: batch[k] for k in ("images", "labels")})
+    state, rng, weight = fresh_state(), jax.random.key(3), jnp.float32(1.0)
+    state, metrics = train_step(state, batch, rng, weight, microbatches)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = train_step(state, batch, rng, weight, microbatches)
+    jax.block_until_ready(metrics)
+    step_only_s = time.perf_counter() - start
+
+    end_to_end = steps * args.batch_size / train_s
+    step_only = steps * args.batch_size / step_only_s
+    print(
+        json.dumps(
+            {
+                "train_frames": len(train_split),
+                "steps": steps,
+                "batch_size": args.batch_size,
+                "microbatches": microbatches,
+                "epochs": args.epochs,
+                "end_to_end_images_per_s": round(end_to_end, 2),
+                "step_only_images_per_s": round(step_only, 2),
+                "end_to_end_over_step_only": round(end_to_end / step_only, 4),
+                "backend": jax.default_backend(),
+                "devices": jax.device_count(),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
