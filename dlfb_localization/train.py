@@ -122,10 +122,10 @@ def _compute_objective(
 
 
 # Frames per device in one forward/backward pass of a CPU train step. At the
-# chapter's batch of 256, XLA:CPU's scratch for one pass is ~3 GB: every step
+# chapter's batch of 256, XLA:CPU's scratch for one pass is ~3 GiB: every step
 # page-faults it in, and the activations fall out of cache between layers.
 # Four passes of 64 with their gradients summed do the same arithmetic in
-# 2.1 GB and run ~1.5x faster (benchmarks/bench_train_step.py). Accelerators
+# 2.1 GiB and run ~1.5x faster (benchmarks/bench_train_step.py). Accelerators
 # keep the whole batch in one pass.
 CPU_MICROBATCH = 64
 
