@@ -6,19 +6,21 @@ Run by hand (never by the tests):
 
 Writes a generator release of `--proteins` x 4 fields x 20 crops (once; reused
 if present), builds the chapter's splits from its cache, and at the chapter's
-configuration (batch 256, K=512, D=64, 50 classes, Adam 1e-3):
+configuration (batch 256, K=512, D=64, Adam 1e-3; 50 classes, or one per protein
+if the release has more):
 
 1. trains one epoch with `train` to compile both steps (not timed);
-2. times `train` from a fresh state for `--epochs` epochs: shuffled batches
-   from the memmap, the prefetching thread, host-to-device copies, metric
-   logging, the end-of-epoch bookkeeping and what a run pays once (copying the
-   state onto the devices), with a validation split of 8 frames so that the
-   time is the training pass's;
-3. times the same number of `train_step` calls on one batch already on the
-   device, with the same passes per step.
+2. for each of `--rounds` rounds, times one epoch of `train` (shuffled
+   batches from the memmap, the prefetching thread, host-to-device copies,
+   metric logging, the end-of-epoch bookkeeping and the copy of the state onto
+   the devices), with a validation split of 8 frames so that the time is the
+   training pass's, then the same number of `train_step` calls on one batch
+   already on the device, placed as `train` places it, with the same passes
+   per step, continuing from the same state. Alternating the two keeps drift
+   in the machine's speed out of their ratio.
 
-Prints JSON with both rates and their ratio (1.0: the pipeline costs nothing).
-On a 2-core machine, runs of a few minutes vary by ~3%: use enough steps.
+Prints JSON with both rates and their ratio per round (1.0: the pipeline costs
+nothing), and the median ratio.
 """
 
 import argparse
@@ -35,14 +37,19 @@ from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.synthetic import SyntheticSpec, write_release
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.runs import RunConfig, build_splits
-from dlfb_localization.train import default_microbatches, train, train_step
+from dlfb_localization.train import (
+    DataParallel,
+    default_microbatches,
+    train,
+    train_step,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--proteins", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs")
+    parser.add_argument("--rounds", type=int, default=3, help="timed epochs")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dlfb_bench_e2e"))
     args = parser.parse_args()
 
@@ -58,7 +65,7 @@ def main() -> None:
     datasets = {"train": train_split, "valid": small_valid}
 
     model = LocalizationModel(
-        num_classes=50,
+        num_classes=max(50, int(train_split.labels.codes.max()) + 1),
         embedding_dim=64,
         num_embeddings=512,
         commitment_cost=0.25,
@@ -72,34 +79,44 @@ def main() -> None:
             jax.random.key(0), train_split.get_dummy_input(), tx
         )
 
-    def run_epochs(num_epochs: int) -> float:
-        state = fresh_state()
-        jax.block_until_ready(state)
-        start = time.perf_counter()
-        state, _ = train(
-            state, jax.random.key(1), datasets, num_epochs, args.batch_size, 1.0
-        )
-        jax.block_until_ready(state)
-        return time.perf_counter() - start
-
-    run_epochs(1)  # compiles train_step and eval_step
-    train_s = run_epochs(args.epochs)
-    steps = args.epochs * (len(train_split) // args.batch_size)
-
+    steps = len(train_split) // args.batch_size
     microbatches = default_microbatches(args.batch_size, jax.device_count())
+    # The step-only batch and state are placed as `train` places them, so both
+    # paths run the same compiled program.
+    parallel = DataParallel()
     batch = next(train_split.get_batches(jax.random.key(2), args.batch_size))
-    batch = jax.device_put({k: batch[k] for k in ("images", "labels")})
-    state, rng, weight = fresh_state(), jax.random.key(3), jnp.float32(1.0)
-    state, metrics = train_step(state, batch, rng, weight, microbatches)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = train_step(state, batch, rng, weight, microbatches)
-    jax.block_until_ready(metrics)
-    step_only_s = time.perf_counter() - start
+    batch = jax.device_put(
+        {k: batch[k] for k in ("images", "labels")},
+        parallel.batch_sharding(args.batch_size),
+    )
+    rng, weight = jax.random.key(3), jnp.float32(1.0)
 
-    end_to_end = steps * args.batch_size / train_s
-    step_only = steps * args.batch_size / step_only_s
+    def time_epoch(state):
+        start = time.perf_counter()
+        state, _ = train(state, jax.random.key(1), datasets, 1, args.batch_size, 1.0)
+        jax.block_until_ready(state)
+        return state, time.perf_counter() - start
+
+    def time_steps(state):
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = train_step(state, batch, rng, weight, microbatches)
+        jax.block_until_ready(metrics)
+        return state, time.perf_counter() - start
+
+    # Compile both paths, then alternate them on one state so that drift in
+    # the machine's speed (a few % over minutes on shared cores) and in the
+    # state's numbers hits both alike.
+    state, _ = time_epoch(fresh_state())
+    state, _ = time_steps(state)
+    ratios, end_to_end, step_only = [], [], []
+    for _ in range(args.rounds):
+        state, train_s = time_epoch(state)
+        state, step_s = time_steps(state)
+        end_to_end.append(steps * args.batch_size / train_s)
+        step_only.append(steps * args.batch_size / step_s)
+        ratios.append(end_to_end[-1] / step_only[-1])
+
     print(
         json.dumps(
             {
@@ -107,10 +124,11 @@ def main() -> None:
                 "steps": steps,
                 "batch_size": args.batch_size,
                 "microbatches": microbatches,
-                "epochs": args.epochs,
-                "end_to_end_images_per_s": round(end_to_end, 2),
-                "step_only_images_per_s": round(step_only, 2),
-                "end_to_end_over_step_only": round(end_to_end / step_only, 4),
+                "rounds": args.rounds,
+                "end_to_end_images_per_s": [round(x, 2) for x in end_to_end],
+                "step_only_images_per_s": [round(x, 2) for x in step_only],
+                "end_to_end_over_step_only": [round(x, 4) for x in ratios],
+                "median_ratio": round(float(np.median(ratios)), 4),
                 "backend": jax.default_backend(),
                 "devices": jax.device_count(),
             },

@@ -319,6 +319,21 @@ def _check_finite(
         )
 
 
+def _check_classes(state: TrainState, dataset_splits: dict[str, Dataset]) -> None:
+    # An out-of-range label makes the cross-entropy NaN, which would surface
+    # only as a non-finite loss at the end of the first epoch.
+    head = state.params["classification_head"]
+    num_classes = head[f"Dense_{len(head) - 1}"]["kernel"].shape[-1]
+    for name in ("train", "valid"):
+        codes = dataset_splits[name].labels.codes
+        if codes.size and int(codes.max()) >= num_classes:
+            raise ValueError(
+                f"the {name!r} split has protein class {int(codes.max())} but the "
+                f"model's head predicts {num_classes} classes; build the model with "
+                "num_classes=count_unique_proteins(dataset_splits)"
+            )
+
+
 def _check_arguments(
     dataset_splits: dict[str, Dataset],
     num_epochs: int,
@@ -395,6 +410,7 @@ def train(
       checkpoint.ConfigMismatchError: `store_path` holds a different run.
     """
     _check_arguments(dataset_splits, num_epochs, batch_size, eval_every)
+    _check_classes(state, dataset_splits)
     parallel = DataParallel()
     state = parallel.place_state(state)
     rng_data, rng_dropout = jax.random.split(rng)

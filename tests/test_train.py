@@ -236,3 +236,12 @@ def test_bad_arguments_are_named(splits, kwargs, message):
     arguments = dict(num_epochs=1, batch_size=8, classification_weight=1.0)
     with pytest.raises(ValueError, match=message):
         train(make_state(), jax.random.key(0), splits, **(arguments | kwargs))
+
+
+def test_more_proteins_than_the_head_predicts_is_an_error_not_a_nan(splits):
+    # MODEL's head predicts 4 classes; these frames hold 5 proteins.
+    five = Dataset.from_arrays(np.zeros((10, 16, 16, 1), np.float32), np.arange(10) % 5)
+    with pytest.raises(
+        ValueError, match=r"'train' split has protein class 4.*4 classes"
+    ):
+        train(make_state(), jax.random.key(0), splits | {"train": five}, 1, 8, 1.0)
