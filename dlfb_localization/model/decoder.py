@@ -58,7 +58,7 @@ def upsample2_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     The four output phases are one 3x3 convolution of the edge-padded input with
     `4 * out` channels (same FLOPs), so the upsampled `[batch, 2h, 2w, c]` tensor
-    and its gradient (1.25 GB at the chapter's batch of 256 in the last
+    and its gradient (328 MB each at the chapter's batch of 256 in the last
     upsampling) are never built. The outer ring of output pixels, where the
     convolution's zero padding lies outside the upsampled image, is recomputed
     exactly from two-row and two-column strips. Equal to the chapter's form up
