@@ -6,8 +6,8 @@ Run by hand (never by the tests):
 
 Writes a generator release of `--proteins` x 4 fields x 20 crops (once; reused
 if present), builds the chapter's splits from its cache, and at the chapter's
-configuration (batch 256, K=512, D=64, Adam 1e-3; 50 classes, or one per protein
-if the release has more):
+configuration (`RunConfig`'s defaults: batch 256, K=512, D=64, Adam 1e-3; one
+class per protein, 50 by default):
 
 1. trains one epoch with `train` to compile both steps (not timed);
 2. for each of `--rounds` rounds, times one epoch of `train` (shuffled
@@ -31,12 +31,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.synthetic import SyntheticSpec, write_release
-from dlfb_localization.model import LocalizationModel
-from dlfb_localization.runs import RunConfig, build_splits
+from dlfb_localization.runs import RunConfig, build_splits, create_state
 from dlfb_localization.train import (
     DataParallel,
     default_microbatches,
@@ -57,27 +55,13 @@ def main() -> None:
     data = args.workdir / f"release_{spec.n_proteins}p"
     if not (data / "Label_data00.csv").exists():
         write_release(data, spec, progress=True)
-    splits = build_splits(RunConfig(data=str(data)), progress=True)
+    config = RunConfig(data=str(data))
+    splits = build_splits(config, progress=True)
     train_split = splits["train"]
     small_valid = Dataset.from_arrays(
         np.zeros((8, *train_split.image_shape), np.float32), np.arange(8) % 2
     )
     datasets = {"train": train_split, "valid": small_valid}
-
-    model = LocalizationModel(
-        num_classes=max(50, int(train_split.labels.codes.max()) + 1),
-        embedding_dim=64,
-        num_embeddings=512,
-        commitment_cost=0.25,
-        dropout_rate=0.45,
-        classification_head_layers=2,
-    )
-    tx = optax.adam(1e-3)
-
-    def fresh_state():
-        return model.create_train_state(
-            jax.random.key(0), train_split.get_dummy_input(), tx
-        )
 
     steps = len(train_split) // args.batch_size
     microbatches = default_microbatches(args.batch_size, jax.device_count())
@@ -107,7 +91,8 @@ def main() -> None:
     # Compile both paths, then alternate them on one state so that drift in
     # the machine's speed (a few % over minutes on shared cores) and in the
     # state's numbers hits both alike.
-    state, _ = time_epoch(fresh_state())
+    # The chapter's model and optimizer, as `RunConfig`'s defaults build them.
+    state, _ = time_epoch(create_state(config, splits))
     state, _ = time_steps(state)
     ratios, end_to_end, step_only = [], [], []
     for _ in range(args.rounds):
