@@ -49,7 +49,7 @@ DEMO_TRAINING = {
 # then shapes the codebook around those 40 identities, and the mean quantized
 # vectors of unseen proteins place them no better than an untrained model's
 # (protein-level 5-NN 0.65-0.70 against 0.70 over six trainings). At 0.1 the head
-# still spreads code use (perplexity ~1.7x the head-less model's).
+# still spreads code use (perplexity ~1.8x the head-less model's).
 MODELS = {
     "with_head": ("With ClassificationHead", 0.1),
     "without_head": ("No ClassificationHead", 0.0),
