@@ -28,6 +28,7 @@ TINY_PARAMETERS = {
     "N_FRAMES": 4,
     "SAMPLE_PROTEINS": 12,
     "SAMPLE_CROPS_PER_FOV": 6,
+    "UNET_DEPTH": 1,
 }
 
 
