@@ -239,15 +239,20 @@ class LocalizationModel(nn.Module):
           A `TrainState` with `apply_fn=self.apply`, step 0.
         """
         _, rng_init, _ = jax.random.split(rng, 3)
-        params = _init_params(self, rng_init, dummy_input)
-        # What `TrainState.create` does, with the optimizer's init compiled once
-        # rather than op by op (a new optimizer object must not recompile the
-        # model), and with the step an int32 array rather than a Python int, as a
-        # restored checkpoint has it: the steps then compile once for both.
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            apply_fn=self.apply,
-            params=params,
-            tx=tx,
-            opt_state=jax.jit(tx.init)(params),
+        return new_train_state(
+            self.apply, _init_params(self, rng_init, dummy_input), tx
         )
+
+
+def new_train_state(apply_fn, params, tx: optax.GradientTransformation) -> TrainState:
+    """What `TrainState.create` does, with the optimizer's init compiled once
+    rather than op by op (a new optimizer object must not recompile the model),
+    and with the step an int32 array rather than a Python int, as a restored
+    checkpoint has it: the steps then compile once for both."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        apply_fn=apply_fn,
+        params=params,
+        tx=tx,
+        opt_state=jax.jit(tx.init)(params),
+    )

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.metrics import History, MetricsLogger
+from dlfb_localization.model.vqvae import new_train_state
 from dlfb_localization.nucleus.model import ConditionalUNet, PatchDiscriminator
 
 __all__ = [
@@ -110,19 +111,6 @@ def _init_discriminator(model: PatchDiscriminator, rng: jax.Array, image_size: i
     return model.init(rng, image, image)["params"]
 
 
-def _create_state(apply_fn, params, tx: optax.GradientTransformation) -> TrainState:
-    # `TrainState.create` with the optimizer's init compiled once, and the step an
-    # int32 array as a restored checkpoint has it, so the steps compile once for
-    # both.
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        apply_fn=apply_fn,
-        params=params,
-        tx=tx,
-        opt_state=jax.jit(tx.init)(params),
-    )
-
-
 def create_unet_state(
     model: ConditionalUNet,
     rng: jax.Array,
@@ -132,7 +120,7 @@ def create_unet_state(
     """A fresh `TrainState` of `model` for `image_size` images, optimized by
     `tx` (e.g. `optax.adam(1e-3)`; build it once: a new optax object is a new
     static field and compiles the steps again)."""
-    return _create_state(model.apply, _init_unet(model, rng, image_size), tx)
+    return new_train_state(model.apply, _init_unet(model, rng, image_size), tx)
 
 
 def create_gan_state(
@@ -147,7 +135,7 @@ def create_gan_state(
     tx = optax.adam(learning_rate, b1=0.5)
     return GANState(
         generator=create_unet_state(generator, rng_generator, image_size, tx),
-        discriminator=_create_state(
+        discriminator=new_train_state(
             discriminator.apply,
             _init_discriminator(discriminator, rng_discriminator, image_size),
             tx,
