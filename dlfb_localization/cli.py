@@ -44,13 +44,19 @@ def _demo(args: argparse.Namespace) -> None:
     demo.run(args.out, seed=args.seed)
 
 
+def _config_from_args(config_class, args: argparse.Namespace):
+    """`config_class` (a dataclass with a `data` folder) from the parsed flags
+    named like its fields."""
+    if not args.data.is_dir():
+        raise FileNotFoundError(f"--data {args.data} is not a folder")
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in vars(args).items() if k in names})
+
+
 def _train(args: argparse.Namespace) -> None:
     from dlfb_localization.runs import RunConfig, train_run
 
-    if not args.data.is_dir():
-        raise FileNotFoundError(f"--data {args.data} is not a folder")
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    config = RunConfig(**{k: v for k, v in vars(args).items() if k in names})
+    config = _config_from_args(RunConfig, args)
     run = train_run(config, args.store)
     last = {name: values[-1]["mean"] for name, values in run.metrics["valid"].items()}
     print(
@@ -116,10 +122,7 @@ def _predict(args: argparse.Namespace) -> None:
     from dlfb_localization.nucleus.config import PredictConfig
     from dlfb_localization.nucleus.run import run_prediction
 
-    if not args.data.is_dir():
-        raise FileNotFoundError(f"--data {args.data} is not a folder")
-    names = {f.name for f in dataclasses.fields(PredictConfig)}
-    config = PredictConfig(**{k: v for k, v in vars(args).items() if k in names})
+    config = _config_from_args(PredictConfig, args)
     result = run_prediction(config, args.out)
     print(
         f"held-out fields of view ({result['n_frames']} frames): "
@@ -247,6 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_settings(command: argparse.ArgumentParser, numbers: dict, defaults) -> None:
+    """One flag per `{flag: (field, type, help)}`, defaulting to that field of
+    the config `defaults` (None reads "all")."""
+    for flag, (dest, kind, text) in numbers.items():
+        default = getattr(defaults, dest)
+        command.add_argument(
+            flag,
+            dest=dest,
+            type=kind,
+            default=default,
+            help=f"{text} (default: {'all' if default is None else default})",
+        )
+
+
 def _add_train(commands) -> None:
     from dlfb_localization.runs import RunConfig
 
@@ -296,15 +313,7 @@ def _add_train(commands) -> None:
         ),
         "--eval-every": ("eval_every", int, "validate every this many epochs"),
     }
-    for flag, (dest, kind, text) in numbers.items():
-        default = getattr(defaults, dest)
-        train.add_argument(
-            flag,
-            dest=dest,
-            type=kind,
-            default=default,
-            help=f"{text} (default: {'all' if default is None else default})",
-        )
+    _add_settings(train, numbers, defaults)
     train.add_argument(
         "--no-standardize",
         dest="standardize_inputs",
@@ -343,15 +352,7 @@ def _add_predict(commands) -> None:
         "--learning-rate": ("learning_rate", float, "the U-Net's Adam"),
         "--l1-weight": ("l1_weight", float, "pix2pix's lambda"),
     }
-    for flag, (dest, kind, text) in numbers.items():
-        default = getattr(defaults, dest)
-        predict.add_argument(
-            flag,
-            dest=dest,
-            type=kind,
-            default=default,
-            help=f"{text} (default: {default})",
-        )
+    _add_settings(predict, numbers, defaults)
     predict.set_defaults(func=_predict)
 
 
