@@ -73,6 +73,8 @@ def _to_json(value: Any) -> Any:
     """Plain JSON types (dict, list, str, int, float, bool, None) only."""
     if isinstance(value, Mapping):
         return {str(k): _to_json(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _to_json(dataclasses.asdict(value))  # e.g. CodebookOptions
     if isinstance(value, list | tuple):
         return [_to_json(v) for v in value]
     if isinstance(value, np.ndarray | jax.Array):
@@ -160,6 +162,7 @@ def build_run_config(
     batch_size: int,
     classification_weight: float,
     eval_every: int,
+    augment: str = "none",
 ) -> dict[str, Any]:
     """Everything recordable that decides a run's result, as plain JSON.
 
@@ -170,8 +173,8 @@ def build_run_config(
         catches e.g. a changed learning rate (optax hides it in closures).
       rng: the run's JAX key (its key data is stored).
       dataset_splits: the splits; "train" and "valid" are fingerprinted.
-      num_epochs, batch_size, classification_weight, eval_every: `train`'s
-        arguments.
+      num_epochs, batch_size, classification_weight, eval_every, augment:
+        `train`'s arguments.
 
     Returns:
       A JSON-ready dict.
@@ -187,6 +190,7 @@ def build_run_config(
         "batch_size": batch_size,
         "classification_weight": classification_weight,
         "eval_every": eval_every,
+        "augment": augment,
         "data": {name: dataset_splits[name].fingerprint for name in ("train", "valid")},
         "input_shape": list(dataset_splits["train"].image_shape),
         "rng": np.asarray(jax.random.key_data(rng)).tolist(),

@@ -265,16 +265,19 @@ def _add_settings(command: argparse.ArgumentParser, numbers: dict, defaults) -> 
 
 
 def _add_train(commands) -> None:
-    from dlfb_localization.runs import RunConfig
+    from dlfb_localization.invariance.transforms import AUGMENT_MODES
+    from dlfb_localization.model.vqvae import ENCODERS
+    from dlfb_localization.runs import MODELS, RunConfig
 
     defaults = RunConfig(data="")
     train = commands.add_parser(
         "train",
         help="train the model on a data folder",
-        description="Trains the chapter's model (VQ-VAE with a protein-id head) "
-        "on DATA's fov-exclusive 80/10/10 split, checkpointing every epoch into "
-        "STORE. Run the same command again to resume an interrupted run; a "
-        "STORE holding a run with other settings is refused.",
+        description="Trains the chapter's model (VQ-VAE with a protein-id head), "
+        "or cytoself's full model, on DATA's fov-exclusive 80/10/10 split, "
+        "checkpointing every epoch into STORE. Run the same command again to "
+        "resume an interrupted run; a STORE holding a run with other settings is "
+        "refused.",
     )
     train.add_argument("--data", type=Path, required=True, help="data folder")
     train.add_argument("--store", type=Path, required=True, help="run folder")
@@ -294,11 +297,57 @@ def _add_train(commands) -> None:
         help="bfloat16: mixed precision (float32 parameters) for GPU and TPU "
         f"(default: {defaults.compute_dtype})",
     )
+    train.add_argument(
+        "--augment",
+        choices=AUGMENT_MODES,
+        default=defaults.augment,
+        help="give each training image a random orientation: d4 (quarter turns "
+        f"and flips) or rotate (any angle, and flips) (default: {defaults.augment})",
+    )
+    train.add_argument(
+        "--encoder",
+        choices=ENCODERS,
+        default=defaults.encoder,
+        help="residual (the chapter's) or d4 (group convolutions: codes that "
+        "rotate and flip with the image, histograms that do not change) "
+        f"(default: {defaults.encoder})",
+    )
+    train.add_argument(
+        "--model",
+        choices=MODELS,
+        default=defaults.model,
+        help="chapter (one level of codes) or cytoself (the paper's full model: "
+        "local and global codes, split quantization, a head on each level; train "
+        "it on --channels 0,1 with --num-embeddings 2048 --head-layers 3 for the "
+        f"paper's sizes) (default: {defaults.model})",
+    )
+    train.add_argument(
+        "--ema-decay",
+        type=float,
+        default=defaults.ema_decay,
+        help="learn codebooks as moving averages with this decay, e.g. 0.99 "
+        "(default: by gradient descent, as the chapter)",
+    )
+    train.add_argument(
+        "--restart-dead-codes",
+        action="store_true",
+        help="move codes that fell out of use onto poorly described encoder outputs",
+    )
+    train.add_argument(
+        "--kmeans-init",
+        action="store_true",
+        help="start codebooks at k-means centroids of the untrained encoder's outputs",
+    )
     numbers = {
         "--seed": ("seed", int, "seed of splits, weights and batches"),
         "--n-proteins": ("n_proteins", int, "use this many random proteins"),
         "--max-frames": ("max_frames", int, "use at most this many frames"),
         "--embedding-dim": ("embedding_dim", int, "code length D"),
+        "--global-splits": (
+            "global_splits",
+            int,
+            "cytoself: sub-vectors per global code",
+        ),
         "--num-embeddings": ("num_embeddings", int, "codebook size K"),
         "--commitment-cost": ("commitment_cost", float, "beta"),
         "--dropout-rate": ("dropout_rate", float, "dropout in the head"),

@@ -11,7 +11,6 @@ import functools
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax.training.train_state import TrainState
 from scipy.cluster.hierarchy import fcluster, leaves_list, linkage
@@ -19,6 +18,7 @@ from scipy.spatial.distance import pdist, squareform
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.localizations import LOCALIZATIONS_OF_INTEREST
+from dlfb_localization.model.quantizer import count_codes
 
 __all__ = [
     "aggregate_by_protein",
@@ -35,40 +35,16 @@ __all__ = [
 ]
 
 
-def count_codes(indices: jax.Array, num_embeddings: int) -> jax.Array:
-    """Per-frame codebook-usage histograms.
-
-    One `bincount` over indices shifted by `frame * num_embeddings` counts all
-    frames at once, without the `[positions, num_embeddings]` one-hot tensor.
-
-    Args:
-      indices: `[batch, ...]` integer code indices (e.g. `[batch, h, w]`).
-      num_embeddings: codebook size K.
-
-    Returns:
-      `[batch, num_embeddings]` int32 counts; each row sums to the number of
-      positions per frame (`h * w`).
-    """
-    flat = indices.reshape(indices.shape[0], -1).astype(jnp.int32)
-    batch = flat.shape[0]
-    offsets = jnp.arange(batch, dtype=jnp.int32)[:, None] * num_embeddings
-    counts = jnp.bincount((flat + offsets).ravel(), length=batch * num_embeddings)
-    return counts.reshape(batch, num_embeddings).astype(jnp.int32)
-
-
-def _summarise_frames(model, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Histograms `[b, K]` and mean quantized vectors `[b, D]` (a model method)."""
-    vq = model.quantize(model.encode(images))
-    histograms = count_codes(vq.indices, model.num_embeddings)
-    vectors = jnp.mean(vq.quantized, axis=tuple(range(1, vq.quantized.ndim - 1)))
-    return histograms, vectors.astype(jnp.float32)
+def _summarise_frames(model, images: jax.Array) -> dict[str, jax.Array]:
+    """The model's per-frame embeddings (`summarise_frames`), as a method."""
+    return model.summarise_frames(images)
 
 
 # Jitted over (apply_fn, params) rather than the whole TrainState: the
 # optimizer is a static field of the state, so a state carrying another optax
 # object (e.g. restored with a new one) would otherwise compile again.
 @functools.partial(jax.jit, static_argnums=0)
-def _embed_batch(apply_fn, params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _embed_batch(apply_fn, params, images: jax.Array) -> dict[str, jax.Array]:
     return apply_fn({"params": params}, images, method=_summarise_frames)
 
 
@@ -115,22 +91,24 @@ def get_frame_embeddings(
     on the device in the same jitted call as the encoder.
 
     Args:
-      state: `TrainState` of a `LocalizationModel` (trained or fresh).
+      state: `TrainState` of a `LocalizationModel` or `CytoselfModel` (trained
+        or fresh).
       dataset_split: the frames to embed.
       batch_size: frames per device call (memory, not results, depends on it).
 
     Returns:
       `{"frame_ids": [n] int64, "frame_histograms": [n, K] int32,
       "frame_vectors": [n, D] float32}`. Histogram rows sum to the latent grid's
-      `h * w` (625 for 100x100 crops).
+      `h * w` (625 for 100x100 crops). For a `CytoselfModel` these are the
+      local level's, and `frame_histograms_global` and `frame_vectors_global`
+      hold the global level's (rows sum to `4 * 4 * 9` positions).
     """
-    frame_ids, histograms, vectors = [], [], []
+    frame_ids, results = [], {}
     pending = None
 
     def collect(outputs, n: int) -> None:
-        batch_histograms, batch_vectors = jax.device_get(outputs)
-        histograms.append(batch_histograms[:n])
-        vectors.append(batch_vectors[:n])
+        for name, values in jax.device_get(outputs).items():
+            results.setdefault(name, []).append(values[:n])
 
     for batch, n in iterate_inference_batches(dataset_split, batch_size):
         outputs = _embed_batch(state.apply_fn, state.params, batch["images"])
@@ -142,11 +120,11 @@ def get_frame_embeddings(
             collect(*pending)
         pending = (outputs, n)
     collect(*pending)
-    return {
-        "frame_ids": np.concatenate(frame_ids).astype(np.int64),
-        "frame_histograms": np.concatenate(histograms).astype(np.int32),
-        "frame_vectors": np.concatenate(vectors).astype(np.float32),
-    }
+    embeddings = {"frame_ids": np.concatenate(frame_ids).astype(np.int64)}
+    for name, values in sorted(results.items()):
+        dtype = np.int32 if name.startswith("frame_histograms") else np.float32
+        embeddings[name] = np.concatenate(values).astype(dtype)
+    return embeddings
 
 
 def frame_protein_ids(dataset_split: Dataset, frame_ids: np.ndarray) -> np.ndarray:
@@ -229,6 +207,7 @@ def aggregate_proteins(
     frame_ids: np.ndarray,
     frame_histograms: np.ndarray,
     frame_vectors: np.ndarray | None = None,
+    **other_embeddings: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each protein's feature spectrum: the mean histogram of its frames.
 
@@ -244,12 +223,15 @@ def aggregate_proteins(
       frame_histograms: `[n, K]` per-frame code counts.
       frame_vectors: ignored; accepted so that `**get_frame_embeddings(...)` can
         be passed as in the chapter. `aggregate_by_protein` averages vectors.
+      **other_embeddings: ignored, for the same reason: a `CytoselfModel`'s
+        global level (`frame_histograms_global`, …). For that level's spectra
+        pass `frame_histograms=embeddings["frame_histograms_global"]`.
 
     Returns:
       `(protein_ids, protein_histograms)`: `[p]` int64 ascending and `[p, K]`
       float32.
     """
-    del frame_vectors  # see Args
+    del frame_vectors, other_embeddings  # see Args
     return aggregate_by_protein(dataset_split, frame_ids, frame_histograms)
 
 

@@ -67,7 +67,17 @@ __all__ = [
 EMBEDDING_METRICS = {
     "codebook_histogram": "cosine",
     "mean_quantized": "euclidean",
+    "global_codebook_histogram": "cosine",
+    "global_mean_quantized": "euclidean",
     "pixels_pca": "euclidean",
+}
+# The embeddings `get_frame_embeddings` returns, by their name in `evaluate`;
+# the global level's exist for `CytoselfModel` only.
+_FRAME_EMBEDDINGS = {
+    "codebook_histogram": "frame_histograms",
+    "mean_quantized": "frame_vectors",
+    "global_codebook_histogram": "frame_histograms_global",
+    "global_mean_quantized": "frame_vectors_global",
 }
 # Label sets: every annotated localization, or the chapter's nine only.
 LABEL_SETS = ("all", "nine")
@@ -281,9 +291,7 @@ def compute_codebook_health(code_counts: np.ndarray) -> dict[str, float]:
 
 
 def _reconstruct(model, images: jax.Array) -> jax.Array:
-    vq = model.quantize(model.encode(images))
-    decoded = model.decode(vq.quantized, out_channels=images.shape[-1])
-    return model.restore_scale(decoded, images)
+    return model.reconstruct(images)
 
 
 def reconstruct(state: TrainState, images: jax.Array) -> jax.Array:
@@ -410,7 +418,9 @@ def evaluate(
     protein never neighbours itself). Distances are `EMBEDDING_METRICS`.
     Embeddings: "codebook_histogram" (the chapter's), "mean_quantized", and
     "pixels_pca" (PCA of the raw frames, the baseline); "majority_class" is
-    chance. A class held by a single protein of the split cannot be predicted
+    chance. For a `CytoselfModel` the first two are the local level's, and
+    "global_codebook_histogram" and "global_mean_quantized" the global level's.
+    A class held by a single protein of the split cannot be predicted
     without that protein, so `labels[label_set]` gives each level's
     `accuracy_ceiling` (`knn_accuracy_ceiling`); on small splits it is far
     below 1.
@@ -424,8 +434,8 @@ def evaluate(
     of thousands of frames takes minutes, mostly the three UMAPs.
 
     Args:
-      state: `TrainState` of a `LocalizationModel`; a fresh one gives the
-        untrained floor.
+      state: `TrainState` of a `LocalizationModel` or `CytoselfModel`; a
+        fresh one gives the untrained floor.
       dataset_split: the frames to evaluate (e.g. "valid").
       k: neighbours in k-NN votes.
       random_state: seeds PCA's fitting sample and solver, and UMAP.
@@ -439,7 +449,8 @@ def evaluate(
       `knn[level][label_set][embedding]` = `{"accuracy", "macro_f1"}` (None if
       fewer than two classes) with level "frame" or "protein",
       `cluster_score[subset][embedding]` (None where undefined), `codebook`
-      (`compute_codebook_health`) and `reconstruction_mse`.
+      (`compute_codebook_health`; `codebook_global` too for a `CytoselfModel`)
+      and `reconstruction_mse`.
     """
     embeddings = get_frame_embeddings(state, dataset_split, batch_size)
     pca = compute_pixel_pca(
@@ -450,10 +461,11 @@ def evaluate(
     assert np.array_equal(frame_ids, dataset_split.labels.frame_ids)
     assert np.array_equal(pca["frame_ids"], frame_ids)
     features = {
-        "codebook_histogram": embeddings["frame_histograms"].astype(np.float32),
-        "mean_quantized": embeddings["frame_vectors"],
-        "pixels_pca": pca["features"],
+        name: embeddings[key].astype(np.float32)
+        for name, key in _FRAME_EMBEDDINGS.items()
+        if key in embeddings
     }
+    features["pixels_pca"] = pca["features"]
     result: dict = {
         "n_frames": len(frame_ids),
         "n_proteins": dataset_split.labels.get_n_proteins(),
@@ -470,6 +482,15 @@ def evaluate(
         **_score_localization_knn(dataset_split, frame_ids, features, k),
         "cluster_score": _score_clusters(dataset_split, features, random_state),
         "codebook": compute_codebook_health(embeddings["frame_histograms"].sum(axis=0)),
+        **(
+            {
+                "codebook_global": compute_codebook_health(
+                    embeddings["frame_histograms_global"].sum(axis=0)
+                )
+            }
+            if "frame_histograms_global" in embeddings
+            else {}
+        ),
         "reconstruction_mse": compute_reconstruction_mse(
             state, dataset_split, batch_size
         ),

@@ -47,6 +47,31 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
+def _save_spectra(
+    save, name: str, title: str, dataset_split: Dataset, frame_ids, histograms
+) -> None:
+    """`codebook_`, `feature_correlation_` and `feature_spectra_<name>.png`."""
+    save(f"codebook_{name}", plot_codebook_usage(histograms, title))
+    protein_ids, protein_histograms = aggregate_proteins(
+        dataset_split, frame_ids, histograms
+    )
+    corr_idx_idx, tree, encoding_clusters = cluster_feature_spectrums(
+        protein_histograms, n_clusters=N_CODE_GROUPS
+    )
+    fig = plot_encoding_corr_heatmap(corr_idx_idx, tree, encoding_clusters)
+    fig.suptitle(f"{title}: codes used together across proteins")
+    save(f"feature_correlation_{name}", fig)
+    localizations, localization_histograms = aggregate_localizations(
+        dataset_split, protein_ids, protein_histograms
+    )
+    if localizations:
+        fig = plot_stacked_histograms(
+            localizations, localization_histograms, tree, encoding_clusters
+        )
+        fig.suptitle(f"{title}: feature spectrum per localization")
+        save(f"feature_spectra_{name}", fig)
+
+
 def write_model_figures(
     models: Mapping[str, tuple[TrainState, History | None]],
     dataset_split: Dataset,
@@ -62,7 +87,9 @@ def write_model_figures(
     `feature_correlation_<name>.png` (code-code correlation heatmap with its
     dendrogram, figure 6-15), `feature_spectra_<name>.png` (mean spectrum per
     localization, figure 6-16) and, where metrics are given, `losses_<name>.png`
-    and `perplexity_<name>.png`. For all models together: `umap.png`, an
+    and `perplexity_<name>.png`; for a `CytoselfModel` also the codebook and
+    feature-spectrum figures of its global codes (`<name>_global`). For all
+    models together: `umap.png`, an
     AlignedUMAP of their codebook histograms (figure 6-14; a plain UMAP for one
     model).
 
@@ -100,28 +127,22 @@ def write_model_figures(
             fig = plot_perplexity(metrics)
             fig.suptitle(titles[name], y=1.02)
             save(f"perplexity_{name}", fig)
-        save(
-            f"codebook_{name}",
-            plot_codebook_usage(embeddings[name]["frame_histograms"], titles[name]),
-        )
-        protein_ids, protein_histograms = aggregate_proteins(
-            dataset_split, **embeddings[name]
-        )
-        corr_idx_idx, tree, encoding_clusters = cluster_feature_spectrums(
-            protein_histograms, n_clusters=N_CODE_GROUPS
-        )
-        fig = plot_encoding_corr_heatmap(corr_idx_idx, tree, encoding_clusters)
-        fig.suptitle(f"{titles[name]}: codes used together across proteins")
-        save(f"feature_correlation_{name}", fig)
-        localizations, localization_histograms = aggregate_localizations(
-            dataset_split, protein_ids, protein_histograms
-        )
-        if localizations:
-            fig = plot_stacked_histograms(
-                localizations, localization_histograms, tree, encoding_clusters
+        # The chapter's one level; a `CytoselfModel`'s global level as well.
+        for level, key in (
+            ("", "frame_histograms"),
+            ("_global", "frame_histograms_global"),
+        ):
+            if key not in embeddings[name]:
+                continue
+            title = titles[name] + (" (global codes)" if level else "")
+            _save_spectra(
+                save,
+                f"{name}{level}",
+                title,
+                dataset_split,
+                embeddings[name]["frame_ids"],
+                embeddings[name][key],
             )
-            fig.suptitle(f"{titles[name]}: feature spectrum per localization")
-            save(f"feature_spectra_{name}", fig)
 
     if len(models) == 1:
         projection = calculate_projection(embeddings[next(iter(models))])

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
@@ -31,16 +32,23 @@ from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.utils import count_unique_proteins
 from dlfb_localization.files import write_json
+from dlfb_localization.invariance.transforms import AUGMENT_MODES
 from dlfb_localization.metrics import History
 from dlfb_localization.model import LocalizationModel
+from dlfb_localization.model.codebook import CodebookOptions
+from dlfb_localization.model.cytoself import CytoselfModel
+from dlfb_localization.model.vqvae import ENCODERS
 from dlfb_localization.train import train
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Run", "RunConfig", "build_splits", "create_state", "load_run", "train_run"]
 
+MODELS = ("chapter", "cytoself")
 SPLITS = {"train": 0.80, "valid": 0.10, "test": 0.10}
 CONFIG_FILE = "config.json"
+# Training frames drawn at initialisation (data variance, k-means).
+_INIT_FRAMES = 256
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"
 
@@ -58,8 +66,18 @@ class RunConfig:
       embedding_dim ... classification_head_layers: `LocalizationModel`'s.
       standardize_inputs: `LocalizationModel.standardize_inputs`.
       compute_dtype: `LocalizationModel.dtype`, "float32" or "bfloat16".
+      encoder: `LocalizationModel.encoder_type`, "residual" (the chapter's) or
+        "d4" (rotation- and flip-equivariant group convolutions).
+      model: "chapter" (`LocalizationModel`) or "cytoself" (`CytoselfModel`:
+        two levels, split quantization, two heads; `embedding_dim`,
+        `num_embeddings` and `classification_head_layers` then apply to both
+        levels, and cytoself's own values are 64, 2048 and 3).
+      global_splits: `CytoselfModel.global_splits`.
+      ema_decay, restart_dead_codes, kmeans_init: `CodebookOptions`.
       learning_rate: Adam's learning rate.
       num_epochs, batch_size, classification_weight, eval_every: `train`'s.
+      augment: `train`'s: "none", "d4" or "rotate" (random orientations of the
+        training images).
     """
 
     data: str
@@ -75,11 +93,18 @@ class RunConfig:
     classification_head_layers: int = 2
     standardize_inputs: bool = True
     compute_dtype: str = "float32"
+    encoder: str = "residual"
+    model: str = "chapter"
+    global_splits: int = 9
+    ema_decay: float | None = None
+    restart_dead_codes: bool = False
+    kmeans_init: bool = False
     learning_rate: float = 1e-3
     num_epochs: int = 10
     batch_size: int = 256
     classification_weight: float = 1.0
     eval_every: int = 1
+    augment: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", str(self.data))
@@ -90,6 +115,26 @@ class RunConfig:
             raise ValueError(
                 f"classification_weight must be >= 0, got {self.classification_weight}"
             )
+        if self.augment not in AUGMENT_MODES:
+            raise ValueError(
+                f"augment must be one of {AUGMENT_MODES}, got {self.augment!r}"
+            )
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.model == "cytoself" and self.encoder != "residual":
+            raise ValueError(
+                f"encoder {self.encoder!r} exists for the chapter's model only"
+            )
+        self.codebook_options()  # validates the codebook settings
+
+    def codebook_options(self) -> CodebookOptions:
+        return CodebookOptions(
+            ema_decay=self.ema_decay,
+            restart_dead_codes=self.restart_dead_codes,
+            kmeans_init=self.kmeans_init,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "channels": list(self.channels)}
@@ -154,20 +199,36 @@ def build_splits(config: RunConfig, progress: bool = False) -> dict[str, Dataset
 
 def create_state(config: RunConfig, splits: dict[str, Dataset]) -> TrainState:
     """The initial `TrainState` of the run's model and Adam optimizer."""
-    model = LocalizationModel(
-        num_classes=count_unique_proteins(splits),
-        embedding_dim=config.embedding_dim,
-        num_embeddings=config.num_embeddings,
-        commitment_cost=config.commitment_cost,
-        dropout_rate=config.dropout_rate,
-        classification_head_layers=config.classification_head_layers,
-        standardize_inputs=config.standardize_inputs,
-        dtype=config.compute_dtype,
-    )
+    common = {
+        "num_classes": count_unique_proteins(splits),
+        "embedding_dim": config.embedding_dim,
+        "num_embeddings": config.num_embeddings,
+        "commitment_cost": config.commitment_cost,
+        "dropout_rate": config.dropout_rate,
+        "classification_head_layers": config.classification_head_layers,
+        "standardize_inputs": config.standardize_inputs,
+        "dtype": config.compute_dtype,
+        "codebook": config.codebook_options(),
+    }
+    keys = _keys(config.seed)
+    # A seeded sample of training frames: the data's variance (the full
+    # model's loss divides by it) and k-means initialisation read it.
+    train_split = splits["train"]
+    sample = next(
+        train_split.get_batches(keys.init, min(_INIT_FRAMES, len(train_split)))
+    )["images"]
+    if config.model == "cytoself":
+        variance = 1.0 if config.standardize_inputs else float(np.var(sample))
+        model = CytoselfModel(
+            **common, global_splits=config.global_splits, data_variance=variance
+        )
+    else:
+        model = LocalizationModel(**common, encoder_type=config.encoder)
     return model.create_train_state(
-        rng=_keys(config.seed).init,
-        dummy_input=splits["train"].get_dummy_input(),
+        rng=keys.init,
+        dummy_input=train_split.get_dummy_input(),
         tx=optax.adam(config.learning_rate),
+        init_images=sample if config.kmeans_init else None,
     )
 
 
@@ -217,6 +278,7 @@ def train_run(
         classification_weight=config.classification_weight,
         eval_every=config.eval_every,
         store_path=store / CHECKPOINTS,
+        augment=config.augment,
     )
     write_json(metrics, store / METRICS_FILE)
     return Run(config, splits, state, metrics, _keys(config.seed).frames)
@@ -241,6 +303,7 @@ def load_run(store: str | os.PathLike, progress: bool = False) -> Run:
         batch_size=config.batch_size,
         classification_weight=config.classification_weight,
         eval_every=config.eval_every,
+        augment=config.augment,
     )
     manager = checkpoint.open_manager(store / CHECKPOINTS)
     try:

@@ -4,6 +4,7 @@ import functools
 import logging
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +16,12 @@ from tqdm.auto import tqdm
 from dlfb_localization import checkpoint
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.prefetch import prefetch_to_device
+from dlfb_localization.invariance.transforms import AUGMENT_MODES, random_orientation
 from dlfb_localization.metrics import History, MetricsLogger
+from dlfb_localization.model.codebook import update_codebook
+from dlfb_localization.model.cytoself import CytoselfOutputs
 from dlfb_localization.model.quantizer import compute_code_usage
-from dlfb_localization.model.vqvae import LocalizationModel, ModelOutputs
+from dlfb_localization.model.vqvae import CodebookTrainState, ModelOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +44,35 @@ class NonFiniteLossError(FloatingPointError):
     """A logged loss was NaN or infinite; training stopped before checkpointing."""
 
 
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits=logits, labels=labels
+    ).mean()
+
+
 def compute_losses(
-    outputs: ModelOutputs, batch: Batch, classification_weight: float | jax.Array
+    outputs: ModelOutputs | CytoselfOutputs,
+    batch: Batch,
+    classification_weight: float | jax.Array,
 ) -> dict[str, jax.Array]:
     """The training objective and its components, shared by training and eval.
 
-    `total_loss = recon_loss + codebook_loss + commitment_loss +
-    classification_weight * classification_loss`. The first three are the VQ-VAE
-    objective of van den Oord et al. 2017 (eq. 3; `commitment_loss` already
-    carries beta = `commitment_cost`); the last is cytoself's auxiliary
-    protein-id task. With `classification_weight=0` the head gets exactly zero
-    gradient (the ablation); its loss is still reported.
+    For the chapter's model (`ModelOutputs`): `total_loss = recon_loss +
+    codebook_loss + commitment_loss + classification_weight *
+    classification_loss`. The first three are the VQ-VAE objective of van den
+    Oord et al. 2017 (eq. 3; `commitment_loss` already carries beta =
+    `commitment_cost`); the last is cytoself's auxiliary protein-id task. With
+    `classification_weight=0` the head gets exactly zero gradient (the
+    ablation); its loss is still reported.
+
+    For the full model (`CytoselfOutputs`), cytoself's objective: `recon_loss`
+    (the image's squared error divided by the model's `data_variance`) +
+    `global_recon_loss` (the global decoder's squared error against the local
+    encoder's output, which gets no gradient from it) + both quantizers'
+    codebook and commitment terms + `classification_weight` times the sum of
+    both heads' cross-entropies. The components are reported per level with
+    `_local` and `_global` suffixes; `codebook_loss`, `commitment_loss` and
+    `classification_loss` are the sums over levels.
 
     Args:
       outputs: the model's `compute_outputs` for `batch["images"]`.
@@ -61,12 +83,14 @@ def compute_losses(
       Scalars `total_loss`, `recon_loss` (mean squared error over all pixels,
       against `outputs.targets`: standardized images if the model standardizes),
       `codebook_loss`, `commitment_loss` and `classification_loss` (mean
-      cross-entropy, unweighted).
+      cross-entropy, unweighted), and the full model's per-level terms.
     """
     recon_loss = jnp.mean(jnp.square(outputs.decoded - outputs.targets))
-    classification_loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits=outputs.logits, labels=batch["labels"]
-    ).mean()
+    if isinstance(outputs, CytoselfOutputs):
+        return _compute_cytoself_losses(
+            outputs, batch, classification_weight, recon_loss
+        )
+    classification_loss = _cross_entropy(outputs.logits, batch["labels"])
     total_loss = (
         recon_loss
         + outputs.vq.codebook_loss
@@ -82,20 +106,90 @@ def compute_losses(
     }
 
 
-def compute_metrics(outputs: ModelOutputs, batch: Batch) -> dict[str, jax.Array]:
+def _compute_cytoself_losses(
+    outputs: CytoselfOutputs,
+    batch: Batch,
+    classification_weight: float | jax.Array,
+    squared_error: jax.Array,
+) -> dict[str, jax.Array]:
+    losses = {
+        "recon_loss": squared_error / outputs.data_variance,
+        "global_recon_loss": jnp.mean(
+            jnp.square(
+                outputs.local_from_global - jax.lax.stop_gradient(outputs.local_latents)
+            )
+        ),
+    }
+    levels = {"local": outputs.vq_local, "global": outputs.vq_global}
+    logits = {"local": outputs.logits_local, "global": outputs.logits_global}
+    for level, vq in levels.items():
+        losses[f"codebook_loss_{level}"] = vq.codebook_loss
+        losses[f"commitment_loss_{level}"] = vq.commitment_loss
+        losses[f"classification_loss_{level}"] = _cross_entropy(
+            logits[level], batch["labels"]
+        )
+    for name in ("codebook_loss", "commitment_loss", "classification_loss"):
+        losses[name] = losses[f"{name}_local"] + losses[f"{name}_global"]
+    losses["total_loss"] = (
+        losses["recon_loss"]
+        + losses["global_recon_loss"]
+        + losses["codebook_loss"]
+        + losses["commitment_loss"]
+        + classification_weight * losses["classification_loss"]
+    )
+    return losses
+
+
+def _usage_metrics(vq_by_level: Mapping[str, jax.Array], sizes) -> dict:
+    """Code-use metrics of each level's indices (`""` names the chapter's one
+    level, whose metrics have no suffix)."""
+    metrics = {}
+    for level, indices in vq_by_level.items():
+        suffix = f"_{level}" if level else ""
+        usage = compute_code_usage(indices, sizes[level])
+        metrics[f"perplexity{suffix}"] = usage.perplexity
+        metrics[f"codebook_used_fraction{suffix}"] = usage.used_fraction
+        metrics[f"codebook_max_share{suffix}"] = usage.max_share
+    return metrics
+
+
+def compute_metrics(
+    outputs: ModelOutputs | CytoselfOutputs, batch: Batch
+) -> dict[str, jax.Array]:
     """Accuracy and codebook health of a batch (no gradient is taken of these).
 
     Returns:
       Scalars `accuracy`, `perplexity`, `codebook_used_fraction` (share of codes
       used at least once in the batch) and `codebook_max_share` (share of
-      positions taken by the busiest code).
+      positions taken by the busiest code); for the full model the same with
+      `_local` and `_global` suffixes, `accuracy` being the global head's.
     """
-    return {
-        "accuracy": jnp.mean(jnp.argmax(outputs.logits, -1) == batch["labels"]),
-        "perplexity": outputs.vq.perplexity,
-        "codebook_used_fraction": outputs.vq.used_fraction,
-        "codebook_max_share": outputs.vq.max_share,
-    }
+    labels = batch["labels"]
+    if not isinstance(outputs, CytoselfOutputs):
+        return {
+            "accuracy": jnp.mean(jnp.argmax(outputs.logits, -1) == labels),
+            "perplexity": outputs.vq.perplexity,
+            "codebook_used_fraction": outputs.vq.used_fraction,
+            "codebook_max_share": outputs.vq.max_share,
+        }
+    metrics = {}
+    for level, vq, logits in (
+        ("local", outputs.vq_local, outputs.logits_local),
+        ("global", outputs.vq_global, outputs.logits_global),
+    ):
+        metrics[f"accuracy_{level}"] = jnp.mean(jnp.argmax(logits, -1) == labels)
+        metrics[f"perplexity_{level}"] = vq.perplexity
+        metrics[f"codebook_used_fraction_{level}"] = vq.used_fraction
+        metrics[f"codebook_max_share_{level}"] = vq.max_share
+    metrics["accuracy"] = metrics["accuracy_global"]
+    return metrics
+
+
+_LEVEL_OF_CODEBOOK = {
+    "vector_quantizer": "",
+    "vq_local": "local",
+    "vq_global": "global",
+}
 
 
 def _compute_objective(
@@ -105,20 +199,45 @@ def _compute_objective(
     classification_weight: jax.Array,
     is_training: bool,
     rngs: dict[str, jax.Array] | None,
-) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array]]:
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict[str, Any]]]:
     """Forward pass, losses and metrics: the one path both steps take.
 
-    Returns `(total_loss, (metrics, code_indices))`."""
+    Returns `(total_loss, (metrics, codes))`, `codes` mapping each quantizer's
+    parameter name to `(indices, latents)` (what code-use metrics over several
+    passes and the codebook updates read)."""
     outputs = state.apply_fn(
         {"params": params},
         batch["images"],
         is_training=is_training,
         rngs=rngs,
-        method=LocalizationModel.compute_outputs,
+        method="compute_outputs",
     )
     losses = compute_losses(outputs, batch, classification_weight)
     metrics = {**losses, **compute_metrics(outputs, batch)}
-    return losses["total_loss"], (metrics, outputs.vq.indices)
+    codes = {
+        name: (vq.indices, vq.latents) for name, vq in outputs.quantizers().items()
+    }
+    return losses["total_loss"], (metrics, codes)
+
+
+def _update_codebooks(
+    state: CodebookTrainState, codes: dict[str, Any], rng: jax.Array
+) -> CodebookTrainState:
+    """EMA updates and dead-code restarts after the optimizer's update."""
+    options = state.apply_fn.__self__.codebook
+    params, codebook_state = dict(state.params), {}
+    for i, name in enumerate(sorted(state.codebook_state)):
+        indices, latents = codes[name]
+        codebook, codebook_state[name] = update_codebook(
+            params[name]["codebook"],
+            state.codebook_state[name],
+            latents,
+            indices,
+            options,
+            jax.random.fold_in(rng, _CODEBOOK_STREAM + i),
+        )
+        params[name] = {**params[name], "codebook": codebook}
+    return state.replace(params=params, codebook_state=codebook_state)
 
 
 # Frames per device in one forward/backward pass of a CPU train step. At the
@@ -156,13 +275,23 @@ def _split_microbatches(batch: Batch, microbatches: int) -> list[Batch]:
     ]
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames="microbatches")
+# Folded into the step's key for the augmentation, a stream apart from dropout's
+# (whose keys stay what they were without augmentation).
+_AUGMENT_STREAM = 1_000_003
+# The same for dead-code restarts (one stream per codebook from here on).
+_CODEBOOK_STREAM = 2_000_003
+
+
+@functools.partial(
+    jax.jit, donate_argnums=0, static_argnames=("microbatches", "augment")
+)
 def train_step(
     state: TrainState,
     batch: Batch,
     rng_dropout: jax.Array,
     classification_weight: float | jax.Array,
     microbatches: int = 1,
+    augment: str = "none",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step.
 
@@ -176,56 +305,81 @@ def train_step(
     are those of the whole batch (code usage is counted over all passes).
     `train` picks `default_microbatches`.
 
+    With `augment="d4"` or `"rotate"` every image of the batch is first given
+    its own random orientation (`invariance.random_orientation`), on the
+    device, with keys from `fold_in(fold_in(rng_dropout, state.step),
+    1_000_003)`: reproducible, and different at every step.
+
     Args:
-      state: `TrainState` of a `LocalizationModel`.
+      state: `TrainState` of a `LocalizationModel` or `CytoselfModel`.
       batch: `{"images": [b, h, w, c] float32, "labels": [b] int32}`; other keys
         are ignored.
       rng_dropout: JAX key for dropout.
       classification_weight: scalar weight of the classification loss (traced,
         so sweeping it does not recompile; keep its type fixed, e.g. float32).
       microbatches: passes per step (static); must divide the batch size.
+      augment: "none", "d4" (one of the 8 rotations by multiples of 90 degrees
+        and flips) or "rotate" (any angle, plus a random flip); static.
 
     Returns:
       `(new_state, metrics)`; metrics are the scalars of `compute_losses` and
-      `compute_metrics`, computed with the parameters before the update.
+      `compute_metrics`, computed with the parameters before the update (on the
+      augmented images).
     """
     rng = jax.random.fold_in(rng_dropout, state.step)
+    if augment != "none":
+        images = random_orientation(
+            jax.random.fold_in(rng, _AUGMENT_STREAM), batch["images"], augment
+        )
+        batch = {**batch, "images": images}
     grad_fn = jax.value_and_grad(_compute_objective, has_aux=True)
     if microbatches == 1:
-        (_, (metrics, _)), grads = grad_fn(
+        (_, (metrics, codes)), grads = grad_fn(
             state.params, state, batch, classification_weight, True, {"dropout": rng}
         )
-        return state.apply_gradients(grads=grads), metrics
+    else:
+        grads, metrics, codes = _accumulate_passes(
+            grad_fn, state, batch, classification_weight, rng, microbatches
+        )
+    state = state.apply_gradients(grads=grads)
+    if isinstance(state, CodebookTrainState):
+        state = _update_codebooks(state, codes, rng)
+    return state, metrics
 
-    if batch["labels"].shape[0] % microbatches:
+
+def _accumulate_passes(grad_fn, state, batch, classification_weight, rng, passes):
+    """`train_step`'s gradients, metrics and codes over `passes` equal parts."""
+    if batch["labels"].shape[0] % passes:
         raise ValueError(
-            f"microbatches={microbatches} does not divide the batch of "
+            f"microbatches={passes} does not divide the batch of "
             f"{batch['labels'].shape[0]}"
         )
-    grads, metrics, indices = None, [], []
-    for i, part in enumerate(_split_microbatches(batch, microbatches)):
+    grads, metrics, codes = None, [], []
+    for i, part in enumerate(_split_microbatches(batch, passes)):
         if grads is not None:
             # Finish pass i - 1 before pass i starts, or XLA schedules the
             # forward passes side by side and the memory saving is lost.
             grads, part = jax.lax.optimization_barrier((grads, part))
         rngs = {"dropout": jax.random.fold_in(rng, i)}
-        (_, (part_metrics, part_indices)), part_grads = grad_fn(
+        (_, (part_metrics, part_codes)), part_grads = grad_fn(
             state.params, state, part, classification_weight, True, rngs
         )
         grads = (
             part_grads if grads is None else jax.tree.map(jnp.add, grads, part_grads)
         )
         metrics.append(part_metrics)
-        indices.append(part_indices)
-    grads = jax.tree.map(lambda g: g / microbatches, grads)
+        codes.append(part_codes)
+    grads = jax.tree.map(lambda g: g / passes, grads)
     metrics = jax.tree.map(lambda *values: jnp.mean(jnp.stack(values)), *metrics)
-    usage = compute_code_usage(
-        jnp.stack(indices), state.params["vector_quantizer"]["codebook"].shape[1]
-    )
-    metrics["perplexity"] = usage.perplexity
-    metrics["codebook_used_fraction"] = usage.used_fraction
-    metrics["codebook_max_share"] = usage.max_share
-    return state.apply_gradients(grads=grads), metrics
+    # Code use over the whole batch, not the mean of the passes' values.
+    codes = jax.tree.map(lambda *parts: jnp.concatenate(parts), *codes)
+    indices = {_LEVEL_OF_CODEBOOK[name]: codes[name][0] for name in codes}
+    sizes = {
+        _LEVEL_OF_CODEBOOK[name]: state.params[name]["codebook"].shape[1]
+        for name in codes
+    }
+    metrics.update(_usage_metrics(indices, sizes))
+    return grads, metrics, codes
 
 
 @jax.jit
@@ -235,7 +389,7 @@ def eval_step(
     """Losses and metrics without dropout or update (same names as training).
 
     Args:
-      state: `TrainState` of a `LocalizationModel`.
+      state: `TrainState` of a `LocalizationModel` or `CytoselfModel`.
       batch: `{"images": [b, h, w, c] float32, "labels": [b] int32}`.
       classification_weight: scalar weight of the classification loss.
 
@@ -322,8 +476,7 @@ def _check_finite(
 def _check_classes(state: TrainState, dataset_splits: dict[str, Dataset]) -> None:
     # An out-of-range label makes the cross-entropy NaN, which would surface
     # only as a non-finite loss at the end of the first epoch.
-    head = state.params["classification_head"]
-    num_classes = head[f"Dense_{len(head) - 1}"]["kernel"].shape[-1]
+    num_classes = state.apply_fn.__self__.num_classes
     for name in ("train", "valid"):
         codes = dataset_splits[name].labels.codes
         if codes.size and int(codes.max()) >= num_classes:
@@ -339,6 +492,7 @@ def _check_arguments(
     num_epochs: int,
     batch_size: int,
     eval_every: int,
+    augment: str,
 ) -> None:
     missing = {"train", "valid"} - set(dataset_splits)
     if missing:
@@ -347,6 +501,8 @@ def _check_arguments(
         raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
     if eval_every < 1:
         raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    if augment not in AUGMENT_MODES:
+        raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {augment!r}")
     n_devices = jax.device_count()
     if batch_size % n_devices:
         raise ValueError(
@@ -369,6 +525,7 @@ def train(
     classification_weight: float,
     eval_every: int = 10,
     store_path: str | os.PathLike | None = None,
+    augment: str = "none",
 ) -> tuple[TrainState, History]:
     """Trains the VQ-VAE, optionally with the protein-id head, epoch by epoch.
 
@@ -398,6 +555,8 @@ def train(
         head.
       eval_every: validate every this many epochs.
       store_path: folder for checkpoints, or None to keep nothing.
+      augment: random orientation of the training images inside `train_step`:
+        "none", "d4" or "rotate" (see `train_step`); validation never augments.
 
     Returns:
       `(state, metrics)`: the final state and `metrics[split][name]`, a list of
@@ -409,7 +568,7 @@ def train(
         epoch and steps, and the last checkpoint on disk is left as it was.
       checkpoint.ConfigMismatchError: `store_path` holds a different run.
     """
-    _check_arguments(dataset_splits, num_epochs, batch_size, eval_every)
+    _check_arguments(dataset_splits, num_epochs, batch_size, eval_every, augment)
     _check_classes(state, dataset_splits)
     parallel = DataParallel()
     state = parallel.place_state(state)
@@ -429,6 +588,7 @@ def train(
                 batch_size=batch_size,
                 classification_weight=classification_weight,
                 eval_every=eval_every,
+                augment=augment,
             )
             manager = checkpoint.open_manager(store_path)
             resumed = checkpoint.restore_run(manager, state, config)
@@ -454,7 +614,12 @@ def train(
             sharding = parallel.batch_sharding(batch_size)
             for batch in prefetch_to_device(batches, device=sharding):
                 state, metrics = train_step(
-                    state, _model_inputs(batch), rng_dropout, weight, microbatches
+                    state,
+                    _model_inputs(batch),
+                    rng_dropout,
+                    weight,
+                    microbatches,
+                    augment,
                 )
                 history.log_step("train", metrics, weight=len(batch["labels"]))
 

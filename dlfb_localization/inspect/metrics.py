@@ -11,6 +11,7 @@ __all__ = ["plot_losses", "plot_perplexity"]
 
 _LOSS_COMPONENTS = (
     "recon_loss",
+    "global_recon_loss",  # CytoselfModel only
     "codebook_loss",
     "commitment_loss",
     "classification_loss",
@@ -78,7 +79,8 @@ def plot_perplexity(metrics: History) -> Figure:
 
     Perplexity is the exponential of the entropy of code use in a batch (1 when
     one code is used, K when all are used equally); `train` logs the
-    batch-size-weighted mean over an epoch's batches.
+    batch-size-weighted mean over an epoch's batches. A `CytoselfModel`'s run
+    has one curve per codebook (local and global).
 
     Args:
       metrics: `metrics[split][name]` records from `train`.
@@ -86,12 +88,21 @@ def plot_perplexity(metrics: History) -> Figure:
     Returns:
       The Figure with one axis.
     """
-    _require(metrics, "train", "perplexity")
+    # The chapter's one codebook, or a CytoselfModel's two.
+    names = [
+        n
+        for n in ("perplexity", "perplexity_local", "perplexity_global")
+        if metrics.get("train", {}).get(n)
+    ]
+    _require(metrics, "train", names[0] if names else "perplexity")
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    for split in ("train", "valid"):
-        epochs, means = _curve(metrics, split, "perplexity")
-        if len(epochs):
-            ax.plot(epochs, means, marker="o", ms=3, label=split)
+    for name in names:
+        level = name.removeprefix("perplexity").lstrip("_")
+        for split in ("train", "valid"):
+            epochs, means = _curve(metrics, split, name)
+            if len(epochs):
+                label = f"{level} codes, {split}" if level else split
+                ax.plot(epochs, means, marker="o", ms=3, label=label)
     # From 0, so a drop reads as large only when it is.
     ax.set_ylim(bottom=0)
     _finish(ax, "Codebook perplexity (per batch)", "perplexity")

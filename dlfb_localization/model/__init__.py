@@ -1,7 +1,11 @@
-"""The chapter's VQ-VAE: `from dlfb_localization.model import LocalizationModel`."""
+"""The chapter's VQ-VAE (`LocalizationModel`) and cytoself's full model
+(`CytoselfModel`)."""
 
+from dlfb_localization.model.codebook import CodebookOptions
+from dlfb_localization.model.cytoself import CytoselfModel, CytoselfOutputs
 from dlfb_localization.model.decoder import Decoder, Upsample
 from dlfb_localization.model.encoder import Encoder, ResnetBlock
+from dlfb_localization.model.group_conv import InvariantEncoder
 from dlfb_localization.model.head import ClassificationHead
 from dlfb_localization.model.quantizer import (
     CodeUsage,
@@ -20,8 +24,12 @@ from dlfb_localization.model.vqvae import LocalizationModel, ModelOutputs
 __all__ = [
     "ClassificationHead",
     "CodeUsage",
+    "CodebookOptions",
+    "CytoselfModel",
+    "CytoselfOutputs",
     "Decoder",
     "Encoder",
+    "InvariantEncoder",
     "LocalizationModel",
     "ModelOutputs",
     "ResnetBlock",

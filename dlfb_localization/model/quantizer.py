@@ -31,6 +31,9 @@ class VQOutput(NamedTuple):
         `[1, num_embeddings]`.
       used_fraction: scalar, fraction of the codebook used at least once.
       max_share: scalar, share of all positions taken by the busiest code.
+      latents: the encoder outputs as they were quantized, `[..., D]` (split
+        into `num_splits` sub-vectors on a new second-to-last axis when the
+        quantizer splits), without gradient: what EMA updates and restarts read.
     """
 
     quantized: jax.Array
@@ -40,6 +43,7 @@ class VQOutput(NamedTuple):
     perplexity: jax.Array
     used_fraction: jax.Array
     max_share: jax.Array
+    latents: jax.Array | None = None
 
 
 class CodeUsage(NamedTuple):
@@ -192,18 +196,50 @@ def compute_code_usage(indices: jax.Array, num_embeddings: int) -> CodeUsage:
     )
 
 
+def count_codes(indices: jax.Array, num_embeddings: int) -> jax.Array:
+    """Per-frame codebook-usage histograms.
+
+    One `bincount` over indices shifted by `frame * num_embeddings` counts all
+    frames at once, without the `[positions, num_embeddings]` one-hot tensor.
+
+    Args:
+      indices: `[batch, ...]` integer code indices (e.g. `[batch, h, w]`).
+      num_embeddings: codebook size K.
+
+    Returns:
+      `[batch, num_embeddings]` int32 counts; each row sums to the number of
+      positions per frame (`h * w`).
+    """
+    flat = indices.reshape(indices.shape[0], -1).astype(jnp.int32)
+    batch = flat.shape[0]
+    offsets = jnp.arange(batch, dtype=jnp.int32)[:, None] * num_embeddings
+    counts = jnp.bincount((flat + offsets).ravel(), length=batch * num_embeddings)
+    return counts.reshape(batch, num_embeddings).astype(jnp.int32)
+
+
 class VectorQuantizer(nn.Module):
-    """Nearest-code bottleneck with a codebook learned by gradient descent.
+    """Nearest-code bottleneck with a learned codebook.
+
+    With `num_splits=s > 1` (cytoself's "split quantization") each input vector
+    of `s * embedding_dim` channels is cut into `s` sub-vectors that are
+    quantized separately against the one shared codebook: `s` codes describe a
+    position, so a small codebook can express many more combinations.
 
     Attributes:
       num_embeddings: codebook size K.
-      embedding_dim: code length D; must equal the encoder's output channels.
+      embedding_dim: code length D; the input has `num_splits * D` channels.
       commitment_cost: weight beta of the commitment loss.
+      num_splits: sub-vectors per input vector (1: the chapter's quantizer).
+      learn_by_gradient: False for codebooks updated by moving averages
+        (`model.codebook.update_codebook`): the codes then get no gradient, and
+        the codebook loss is reported but does not train anything.
     """
 
     num_embeddings: int
     embedding_dim: int
     commitment_cost: float
+    num_splits: int = 1
+    learn_by_gradient: bool = True
 
     def setup(self) -> None:
         self.codebook = self.param(
@@ -212,33 +248,51 @@ class VectorQuantizer(nn.Module):
             (self.embedding_dim, self.num_embeddings),
         )
 
+    def _split(self, inputs: jax.Array) -> jax.Array:
+        expected = self.num_splits * self.embedding_dim
+        if inputs.shape[-1] != expected:
+            raise ValueError(
+                f"the quantizer expects {expected} channels (num_splits "
+                f"{self.num_splits} x embedding_dim {self.embedding_dim}), got "
+                f"inputs of shape {inputs.shape}"
+            )
+        if self.num_splits == 1:
+            return inputs
+        return inputs.reshape(*inputs.shape[:-1], self.num_splits, self.embedding_dim)
+
     def __call__(self, inputs: jax.Array) -> VQOutput:
         """Quantizes encoder outputs.
 
         Args:
-          inputs: `[batch, h, w, embedding_dim]` encoder outputs.
+          inputs: `[batch, h, w, num_splits * embedding_dim]` encoder outputs.
 
         Returns:
           `VQOutput` with `quantized` shaped like `inputs` and `indices`
-          `[batch, h, w]`.
+          `[batch, h, w]` (`[batch, h, w, num_splits]` when splitting).
         """
-        quantized, indices = quantize(inputs, self.codebook)
+        latents = self._split(inputs)
+        codebook = self.codebook
+        if not self.learn_by_gradient:
+            codebook = lax.stop_gradient(codebook)
+        quantized, indices = quantize(latents, codebook)
         # A second gather, with gradient into the codebook, for the losses; XLA
         # merges it with the one inside `quantize`.
-        codes = lookup_codes(indices, self.codebook)
+        codes = lookup_codes(indices, codebook)
         usage = compute_code_usage(indices, self.num_embeddings)
         return VQOutput(
-            quantized=quantized,
+            quantized=quantized.reshape(inputs.shape),
             indices=indices,
-            codebook_loss=compute_codebook_loss(inputs, codes),
+            codebook_loss=compute_codebook_loss(latents, codes),
             commitment_loss=compute_commitment_loss(
-                inputs, codes, self.commitment_cost
+                latents, codes, self.commitment_cost
             ),
             perplexity=usage.perplexity,
             used_fraction=usage.used_fraction,
             max_share=usage.max_share,
+            latents=lax.stop_gradient(latents),
         )
 
     def get_closest_codebook_indices(self, inputs: jax.Array) -> jax.Array:
-        """`[batch, h, w]` int32 nearest-code indices (the chapter's name)."""
-        return find_nearest_codes(inputs, self.codebook)
+        """Nearest-code indices (the chapter's name): `[batch, h, w]`, or
+        `[batch, h, w, num_splits]` when splitting."""
+        return find_nearest_codes(self._split(inputs), self.codebook)

@@ -1,18 +1,25 @@
 """`LocalizationModel`: the chapter's VQ-VAE with a protein-id head."""
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
+from dlfb_localization.model.codebook import (
+    CodebookOptions,
+    init_codebook_state,
+    kmeans_codebook,
+)
 from dlfb_localization.model.decoder import Decoder
 from dlfb_localization.model.encoder import Encoder
+from dlfb_localization.model.group_conv import InvariantEncoder
 from dlfb_localization.model.head import ClassificationHead
-from dlfb_localization.model.quantizer import VectorQuantizer, VQOutput
+from dlfb_localization.model.quantizer import VectorQuantizer, VQOutput, count_codes
 
 
 class ModelOutputs(NamedTuple):
@@ -31,12 +38,69 @@ class ModelOutputs(NamedTuple):
     vq: VQOutput
     targets: jax.Array
 
+    def quantizers(self) -> dict[str, VQOutput]:
+        """The quantizer's outputs by the name of its parameters."""
+        return {"vector_quantizer": self.vq}
+
 
 def _image_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-image, per-channel mean and standard deviation (floored at 1e-6)."""
     mean = jnp.mean(x, axis=(1, 2), keepdims=True)
     std = jnp.std(x, axis=(1, 2), keepdims=True)
     return mean, jnp.maximum(std, 1e-6)
+
+
+def prepare_images(x: jax.Array, standardize: bool) -> jax.Array:
+    """`x`, standardized per image and channel if `standardize`."""
+    if not standardize:
+        return x
+    mean, std = _image_moments(x)
+    return (x - mean) / std
+
+
+def restore_images(decoded: jax.Array, x: jax.Array, standardize: bool) -> jax.Array:
+    """Maps a reconstruction of `prepare_images(x, standardize)` back to the
+    scale of `x`."""
+    if not standardize:
+        return decoded
+    mean, std = _image_moments(x)
+    return decoded * std + mean
+
+
+def check_common_fields(model: nn.Module) -> None:
+    """Validates the fields `LocalizationModel` and `CytoselfModel` share."""
+    if jnp.dtype(model.dtype) not in _COMPUTE_DTYPES:
+        raise ValueError(
+            f"dtype must be one of {[str(d) for d in _COMPUTE_DTYPES]}, "
+            f"got {model.dtype}"
+        )
+    if model.num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {model.num_classes}")
+    if model.embedding_dim < 2 or model.embedding_dim % 2:
+        raise ValueError(
+            "embedding_dim must be even and >= 2 (the encoder's first conv has "
+            f"embedding_dim // 2 channels), got {model.embedding_dim}"
+        )
+    if model.num_embeddings < 1:
+        raise ValueError(f"num_embeddings must be >= 1, got {model.num_embeddings}")
+    if model.commitment_cost < 0:
+        raise ValueError(f"commitment_cost must be >= 0, got {model.commitment_cost}")
+    if not 0 <= model.dropout_rate < 1:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {model.dropout_rate}")
+    if model.classification_head_layers < 1:
+        raise ValueError(
+            "classification_head_layers must be >= 1, got "
+            f"{model.classification_head_layers}"
+        )
+    if not isinstance(model.codebook, CodebookOptions):
+        raise TypeError(
+            f"codebook must be a CodebookOptions, got {type(model.codebook).__name__}"
+        )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _codebook_latents(model: nn.Module, params, images: jax.Array):
+    return model.apply({"params": params}, images, method="codebook_latents")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -49,6 +113,8 @@ def _init_params(model: nn.Module, rng: jax.Array, dummy_input: jax.Array):
 
 # float16 would need loss scaling; bfloat16 has float32's exponent range.
 _COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+# `LocalizationModel.encoder_type`: the chapter's `Encoder` or `InvariantEncoder`.
+ENCODERS = ("residual", "d4")
 
 
 class LocalizationModel(nn.Module):
@@ -75,6 +141,14 @@ class LocalizationModel(nn.Module):
         default) or bfloat16 for mixed precision on GPU and TPU. Parameters,
         optimizer state, the quantizer (distances, codes) and the losses stay
         float32.
+      codebook: how the codebook is learned (`CodebookOptions`: EMA updates,
+        dead-code restart, k-means initialisation); the default is the
+        chapter's gradient-learned, randomly initialised codebook.
+      encoder_type: "residual", the chapter's `Encoder`, or "d4", the
+        `InvariantEncoder` of D4 group convolutions: turning a crop by 90
+        degrees or flipping it turns or flips its grid of codes and leaves its
+        codebook histogram unchanged (needs square inputs). Not `encoder`:
+        that is the submodule's (and its parameters') name.
     """
 
     num_classes: int
@@ -85,41 +159,28 @@ class LocalizationModel(nn.Module):
     classification_head_layers: int
     standardize_inputs: bool = True
     dtype: Any = jnp.float32
+    codebook: CodebookOptions = CodebookOptions()
+    encoder_type: str = "residual"
+
+    # The parameter collections holding a codebook.
+    codebook_names: ClassVar[tuple[str, ...]] = ("vector_quantizer",)
 
     def __post_init__(self) -> None:
-        if jnp.dtype(self.dtype) not in _COMPUTE_DTYPES:
+        check_common_fields(self)
+        if self.encoder_type not in ENCODERS:
             raise ValueError(
-                f"dtype must be one of {[str(d) for d in _COMPUTE_DTYPES]}, "
-                f"got {self.dtype}"
-            )
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.embedding_dim < 2 or self.embedding_dim % 2:
-            raise ValueError(
-                "embedding_dim must be even and >= 2 (the encoder's first conv has "
-                f"embedding_dim // 2 channels), got {self.embedding_dim}"
-            )
-        if self.num_embeddings < 1:
-            raise ValueError(f"num_embeddings must be >= 1, got {self.num_embeddings}")
-        if self.commitment_cost < 0:
-            raise ValueError(
-                f"commitment_cost must be >= 0, got {self.commitment_cost}"
-            )
-        if not 0 <= self.dropout_rate < 1:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
-        if self.classification_head_layers < 1:
-            raise ValueError(
-                "classification_head_layers must be >= 1, got "
-                f"{self.classification_head_layers}"
+                f"encoder_type must be one of {ENCODERS}, got {self.encoder_type!r}"
             )
         super().__post_init__()
 
     def setup(self) -> None:
-        self.encoder = Encoder(latent_dim=self.embedding_dim, dtype=self.dtype)
+        encoder = InvariantEncoder if self.encoder_type == "d4" else Encoder
+        self.encoder = encoder(latent_dim=self.embedding_dim, dtype=self.dtype)
         self.vector_quantizer = VectorQuantizer(
             num_embeddings=self.num_embeddings,
             embedding_dim=self.embedding_dim,
             commitment_cost=self.commitment_cost,
+            learn_by_gradient=self.codebook.ema_decay is None,
         )
         self.decoder = Decoder(latent_dim=self.embedding_dim, dtype=self.dtype)
         self.classification_head = ClassificationHead(
@@ -131,17 +192,11 @@ class LocalizationModel(nn.Module):
 
     def prepare_inputs(self, x: jax.Array) -> jax.Array:
         """The images as the encoder sees them and the decoder reconstructs them."""
-        if not self.standardize_inputs:
-            return x
-        mean, std = _image_moments(x)
-        return (x - mean) / std
+        return prepare_images(x, self.standardize_inputs)
 
     def restore_scale(self, decoded: jax.Array, x: jax.Array) -> jax.Array:
         """Maps a reconstruction of `prepare_inputs(x)` back to the scale of `x`."""
-        if not self.standardize_inputs:
-            return decoded
-        mean, std = _image_moments(x)
-        return decoded * std + mean
+        return restore_images(decoded, x, self.standardize_inputs)
 
     def encode(self, x: jax.Array) -> jax.Array:
         """Maps `[batch, H, W, C]` images to `[batch, H/4, W/4, D]` float32
@@ -221,9 +276,28 @@ class LocalizationModel(nn.Module):
         """
         return self.vector_quantizer.get_closest_codebook_indices(self.encode(x))
 
+    def reconstruct(self, x: jax.Array) -> jax.Array:
+        """The reconstruction of `x`, on the scale of `x` (no dropout)."""
+        vq = self.quantize(self.encode(x))
+        return self.restore_scale(self.decode(vq.quantized, x.shape[-1]), x)
+
+    def summarise_frames(self, x: jax.Array) -> dict[str, jax.Array]:
+        """Per-frame embeddings: `frame_histograms` `[b, K]` int32 (code use)
+        and `frame_vectors` `[b, D]` float32 (mean quantized vector)."""
+        return summarise_level(self.quantize(self.encode(x)), self.num_embeddings)
+
+    def codebook_latents(self, x: jax.Array) -> dict[str, jax.Array]:
+        """Encoder outputs as each codebook sees them, by its parameters' name
+        (what k-means initialisation clusters)."""
+        return {"vector_quantizer": self.encode(x)}
+
     @nn.nowrap
     def create_train_state(
-        self, rng: jax.Array, dummy_input: jax.Array, tx: optax.GradientTransformation
+        self,
+        rng: jax.Array,
+        dummy_input: jax.Array,
+        tx: optax.GradientTransformation,
+        init_images: jax.Array | None = None,
     ) -> TrainState:
         """Initializes parameters and the optimizer state.
 
@@ -234,25 +308,86 @@ class LocalizationModel(nn.Module):
             `dataset.get_dummy_input()`.
           tx: the optimizer, e.g. `optax.adam(1e-3)`. Build it once per run: a
             new optax object is a new static field and recompiles the steps.
+          init_images: `[n, H, W, C]` training frames, needed (only) with
+            `codebook.kmeans_init`.
 
         Returns:
-          A `TrainState` with `apply_fn=self.apply`, step 0.
+          A `TrainState` with `apply_fn=self.apply`, step 0; a
+          `CodebookTrainState` when the codebook keeps moving averages.
         """
-        _, rng_init, _ = jax.random.split(rng, 3)
-        return new_train_state(
-            self.apply, _init_params(self, rng_init, dummy_input), tx
-        )
+        return create_model_state(self, rng, dummy_input, tx, init_images)
 
 
-def new_train_state(apply_fn, params, tx: optax.GradientTransformation) -> TrainState:
+def summarise_level(vq: VQOutput, num_embeddings: int) -> dict[str, jax.Array]:
+    """Code-use histograms `[b, K]` and mean quantized vectors `[b, D]` of one
+    quantizer's output (split sub-vectors count as positions)."""
+    batch = vq.indices.shape[0]
+    codes = vq.quantized.reshape(batch, vq.indices[0].size, -1)
+    return {
+        "frame_histograms": count_codes(vq.indices, num_embeddings),
+        "frame_vectors": jnp.mean(codes, axis=1).astype(jnp.float32),
+    }
+
+
+class CodebookTrainState(TrainState):
+    """A `TrainState` that also carries each codebook's moving averages.
+
+    Attributes:
+      codebook_state: `{parameter name: model.codebook.init_codebook_state
+        dict}`, updated after every optimizer step by `train_step`.
+    """
+
+    codebook_state: Any = None
+
+
+def create_model_state(
+    model: nn.Module,
+    rng: jax.Array,
+    dummy_input: jax.Array,
+    tx: optax.GradientTransformation,
+    init_images: jax.Array | None = None,
+) -> TrainState:
+    """`create_train_state` of `LocalizationModel` and `CytoselfModel`."""
+    _, rng_init, _ = jax.random.split(rng, 3)
+    params = _init_params(model, rng_init, dummy_input)
+    if model.codebook.kmeans_init:
+        if init_images is None:
+            raise ValueError(
+                "codebook.kmeans_init needs init_images: a few hundred training "
+                "frames, e.g. next(splits['train'].get_batches(rng, 256))['images']"
+            )
+        latents = _codebook_latents(model, params, jnp.asarray(init_images))
+        seed = int(np.asarray(jax.random.key_data(rng_init)).ravel()[-1])
+        params = dict(params)
+        for name, values in latents.items():
+            codebook = kmeans_codebook(
+                np.asarray(values), params[name]["codebook"].shape[1], seed=seed
+            )
+            params[name] = {**params[name], "codebook": jnp.asarray(codebook)}
+    codebook_state = None
+    if model.codebook.stateful:
+        codebook_state = {
+            name: init_codebook_state(params[name]["codebook"])
+            for name in model.codebook_names
+        }
+    return new_train_state(model.apply, params, tx, codebook_state)
+
+
+def new_train_state(
+    apply_fn, params, tx: optax.GradientTransformation, codebook_state=None
+) -> TrainState:
     """What `TrainState.create` does, with the optimizer's init compiled once
     rather than op by op (a new optimizer object must not recompile the model),
     and with the step an int32 array rather than a Python int, as a restored
-    checkpoint has it: the steps then compile once for both."""
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        apply_fn=apply_fn,
-        params=params,
-        tx=tx,
-        opt_state=jax.jit(tx.init)(params),
-    )
+    checkpoint has it: the steps then compile once for both. With
+    `codebook_state`, a `CodebookTrainState`."""
+    fields = {
+        "step": jnp.zeros((), jnp.int32),
+        "apply_fn": apply_fn,
+        "params": params,
+        "tx": tx,
+        "opt_state": jax.jit(tx.init)(params),
+    }
+    if codebook_state is None:
+        return TrainState(**fields)
+    return CodebookTrainState(**fields, codebook_state=codebook_state)
