@@ -96,6 +96,16 @@ def run(
     )
 
 
+def predict_valid(state: TrainState, splits: dict[str, Dataset]) -> dict:
+    """The model's `decoded` and `logits` for all validation frames."""
+    valid = splits["valid"].get_batches(None, 64, shuffle=False, drop_remainder=False)
+    images = next(valid)["images"]
+    decoded, *_, logits = state.apply_fn(
+        {"params": state.params}, images, is_training=False
+    )
+    return {"decoded": np.asarray(decoded), "logits": np.asarray(logits)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("store_path")
@@ -111,14 +121,7 @@ def main() -> None:
         splits["train"] = SlowBatches(splits["train"], args.seconds_per_batch)
     state, metrics = run(args.store_path, splits=splits)
     if args.report:
-        valid = splits["valid"].get_batches(
-            None, 64, shuffle=False, drop_remainder=False
-        )
-        images = next(valid)["images"]
-        decoded, *_, logits = state.apply_fn(
-            {"params": state.params}, images, is_training=False
-        )
-        np.savez(f"{args.store_path}/outputs.npz", decoded=decoded, logits=logits)
+        np.savez(f"{args.store_path}/outputs.npz", **predict_valid(state, splits))
         report = {"devices": jax.device_count(), "metrics": metrics}
         print("REPORT " + json.dumps(report))
 

@@ -33,11 +33,19 @@ def test_bad_flag_value_exits_with_usage(capsys):
 TINY_MODEL = ["--embedding-dim", "8", "--num-embeddings", "16", "--batch-size", "8"]
 
 
-def test_train_evaluate_embed_and_figures_from_a_run_folder(tiny_release, tmp_path):
-    path, _, _ = tiny_release
-    store = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(module_tiny_release, tmp_path_factory):
+    """One tiny run trained by `train`, for this module's tests to read:
+    (train command line without --epochs, run folder, exit code)."""
+    path, _, _ = module_tiny_release
+    store = tmp_path_factory.mktemp("runs") / "run"
     train = ["train", "--data", str(path), "--store", str(store), *TINY_MODEL]
-    assert main([*train, "--epochs", "2"]) == 0
+    return train, store, main([*train, "--epochs", "2"])
+
+
+def test_train_evaluate_embed_and_figures_from_a_run_folder(trained, tmp_path):
+    _, store, exit_code = trained
+    assert exit_code == 0
     config = json.loads((store / "config.json").read_text())
     assert config["num_epochs"] == 2 and config["embedding_dim"] == 8
     metrics = json.loads((store / "metrics.json").read_text())
@@ -76,14 +84,12 @@ def test_train_evaluate_embed_and_figures_from_a_run_folder(tiny_release, tmp_pa
     assert {"umap.png", "reconstructions_run.png", "losses_run.png"} <= names
 
 
-def test_train_refuses_a_store_with_other_settings(tiny_release, tmp_path, capsys):
-    path, _, _ = tiny_release
-    store = tmp_path / "run"
-    train = ["train", "--data", str(path), "--store", str(store), *TINY_MODEL]
-    assert main([*train, "--epochs", "1"]) == 0
+def test_train_refuses_a_store_with_other_settings(trained, capsys):
+    train, store, exit_code = trained
+    assert exit_code == 0
     before = sorted(p.name for p in (store / "checkpoints").iterdir())
     capsys.readouterr()
-    assert main([*train, "--epochs", "1", "--learning-rate", "0.01"]) == 2
+    assert main([*train, "--epochs", "2", "--learning-rate", "0.01"]) == 2
     assert "learning_rate: stored 0.001, now 0.01" in capsys.readouterr().err
     assert sorted(p.name for p in (store / "checkpoints").iterdir()) == before
 

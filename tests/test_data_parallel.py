@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _train_worker as worker
+import jax
 import numpy as np
 
 WORKER = Path(__file__).with_name("_train_worker.py")
@@ -13,7 +15,8 @@ WORKER = Path(__file__).with_name("_train_worker.py")
 
 def _report(tmp_path, n_devices):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    devices = f"--xla_force_host_platform_device_count={n_devices}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {devices}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run(
         [sys.executable, str(WORKER), str(tmp_path / f"run{n_devices}"), "--report"],
@@ -30,8 +33,19 @@ def _report(tmp_path, n_devices):
     return report
 
 
-def test_two_devices_give_the_metrics_of_one(tmp_path):
-    one, two = _report(tmp_path, 1), _report(tmp_path, 2)
+def _one_device_report(reference_run, tmp_path):
+    """The one-device side. When this process is one CPU device, that is the
+    session's reference run (the same seeded worker run, trained here); else a
+    worker process with one forced host device, like the two-device side."""
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return _report(tmp_path, 1)
+    _, state, metrics = reference_run
+    outputs = worker.predict_valid(state, worker.make_splits())
+    return {"devices": jax.device_count(), "metrics": metrics, **outputs}
+
+
+def test_two_devices_give_the_metrics_of_one(reference_run, tmp_path):
+    one, two = _one_device_report(reference_run, tmp_path), _report(tmp_path, 2)
     assert (one["devices"], two["devices"]) == (1, 2)
     for split in ("train", "valid"):
         for name, records in one["metrics"][split].items():

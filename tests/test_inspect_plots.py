@@ -71,13 +71,15 @@ def make_metrics(epochs: int = 3) -> dict:
 
 def test_show_reconstruction_pairs_titled_inputs_with_their_reconstructions():
     split = make_split()
+    # test_model's tiny shapes, so that the session compiles their
+    # initialization once (conftest.py's cache).
     model = LocalizationModel(
         num_classes=4,
         embedding_dim=8,
         num_embeddings=16,
         commitment_cost=0.25,
         dropout_rate=0.0,
-        classification_head_layers=1,
+        classification_head_layers=2,
     )
     state = model.create_train_state(
         jax.random.key(0), split.get_dummy_input(), optax.adam(1e-3)
