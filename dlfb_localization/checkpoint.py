@@ -208,6 +208,12 @@ def build_run_config(
     return _to_json(config)
 
 
+# Settings added after runs were already written, with the value those runs
+# had implicitly: such a run is still recognised, and one trained otherwise is
+# refused naming the field.
+_ADDED_FIELDS = {"model.codebook.lookup": "euclidean"}
+
+
 def find_config_differences(stored: Any, current: Any, path: str = "") -> list[str]:
     """Dotted names of the fields where two run configurations differ.
 
@@ -228,7 +234,12 @@ def find_config_differences(stored: Any, current: Any, path: str = "") -> list[s
         differences = []
         for key in sorted(set(stored) | set(current)):
             name = f"{path}.{key}" if path else key
-            if key not in stored or key not in current:
+            if key not in stored and name in _ADDED_FIELDS:
+                # Written before the field existed: it had the old behaviour.
+                differences += find_config_differences(
+                    _ADDED_FIELDS[name], current[key], name
+                )
+            elif key not in stored or key not in current:
                 differences.append(
                     f"{name}: only in the {'run' if key in current else 'stored run'}"
                 )

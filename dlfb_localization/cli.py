@@ -266,6 +266,7 @@ def _add_settings(command: argparse.ArgumentParser, numbers: dict, defaults) -> 
 
 def _add_train(commands) -> None:
     from dlfb_localization.invariance.transforms import AUGMENT_MODES
+    from dlfb_localization.model.codebook import LOOKUPS
     from dlfb_localization.model.vqvae import ENCODERS
     from dlfb_localization.runs import MODELS, RunConfig
 
@@ -320,6 +321,14 @@ def _add_train(commands) -> None:
         "local and global codes, split quantization, a head on each level; train "
         "it on --channels 0,1 with --num-embeddings 2048 --head-layers 3 for the "
         f"paper's sizes) (default: {defaults.model})",
+    )
+    train.add_argument(
+        "--lookup",
+        choices=LOOKUPS,
+        default=defaults.lookup,
+        help="match encoder outputs with codes as unit vectors (cosine) or as "
+        "raw vectors (euclidean, the chapter's: its codebook loss grows during "
+        f"training) (default: {defaults.lookup})",
     )
     train.add_argument(
         "--ema-decay",

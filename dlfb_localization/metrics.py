@@ -81,6 +81,18 @@ class MetricsLogger:
                 )
         return values
 
+    def record(self, split: str, epoch: int, values: Mapping[str, float]) -> None:
+        """Adds one record per name for `epoch` (a value known once per epoch,
+        such as a health flag; its std is 0)."""
+        for name, value in values.items():
+            self._history[split][name].append(
+                {"mean": float(value), "std": 0.0, "epoch": int(epoch)}
+            )
+
+    def history(self) -> History:
+        """The records so far (not copied: read, do not change)."""
+        return self._history
+
     def latest(
         self, names: Sequence[str] = ("total_loss",), split: str = "train"
     ) -> str:

@@ -73,7 +73,8 @@ class RunConfig:
         `num_embeddings` and `classification_head_layers` then apply to both
         levels, and cytoself's own values are 64, 2048 and 3).
       global_splits: `CytoselfModel.global_splits`.
-      ema_decay, restart_dead_codes, kmeans_init: `CodebookOptions`.
+      ema_decay, restart_dead_codes, kmeans_init, lookup: `CodebookOptions`
+        ("cosine" lookup by default; "euclidean" is the chapter's).
       learning_rate: Adam's learning rate.
       num_epochs, batch_size, classification_weight, eval_every: `train`'s.
       augment: `train`'s: "none", "d4" or "rotate" (random orientations of the
@@ -99,6 +100,7 @@ class RunConfig:
     ema_decay: float | None = None
     restart_dead_codes: bool = False
     kmeans_init: bool = False
+    lookup: str = "cosine"
     learning_rate: float = 1e-3
     num_epochs: int = 10
     batch_size: int = 256
@@ -134,6 +136,7 @@ class RunConfig:
             ema_decay=self.ema_decay,
             restart_dead_codes=self.restart_dead_codes,
             kmeans_init=self.kmeans_init,
+            lookup=self.lookup,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -141,6 +144,9 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> "RunConfig":
+        # Runs written before the cosine lookup became the default used the
+        # chapter's Euclidean one.
+        values = {"lookup": "euclidean", **values}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

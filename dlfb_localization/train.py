@@ -3,6 +3,7 @@
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,11 @@ from tqdm.auto import tqdm
 from dlfb_localization import checkpoint
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.prefetch import prefetch_to_device
+from dlfb_localization.health import (
+    TrainingHealthWarning,
+    check_health,
+    health_metrics,
+)
 from dlfb_localization.invariance.transforms import AUGMENT_MODES, random_orientation
 from dlfb_localization.metrics import History, MetricsLogger
 from dlfb_localization.model.codebook import update_codebook
@@ -161,8 +167,11 @@ def compute_metrics(
     Returns:
       Scalars `accuracy`, `perplexity`, `codebook_used_fraction` (share of codes
       used at least once in the batch) and `codebook_max_share` (share of
-      positions taken by the busiest code); for the full model the same with
-      `_local` and `_global` suffixes, `accuracy` being the global head's.
+      positions taken by the busiest code), `latent_norm` and `codebook_norm`
+      (mean L2 norms of the encoder's output vectors and of the codes: a
+      runaway encoder shows as the first growing away from the second); for
+      the full model the same with `_local` and `_global` suffixes, `accuracy`
+      being the global head's.
     """
     labels = batch["labels"]
     if not isinstance(outputs, CytoselfOutputs):
@@ -171,6 +180,8 @@ def compute_metrics(
             "perplexity": outputs.vq.perplexity,
             "codebook_used_fraction": outputs.vq.used_fraction,
             "codebook_max_share": outputs.vq.max_share,
+            "latent_norm": outputs.vq.latent_norm,
+            "codebook_norm": outputs.vq.codebook_norm,
         }
     metrics = {}
     for level, vq, logits in (
@@ -181,6 +192,8 @@ def compute_metrics(
         metrics[f"perplexity_{level}"] = vq.perplexity
         metrics[f"codebook_used_fraction_{level}"] = vq.used_fraction
         metrics[f"codebook_max_share_{level}"] = vq.max_share
+        metrics[f"latent_norm_{level}"] = vq.latent_norm
+        metrics[f"codebook_norm_{level}"] = vq.codebook_norm
     metrics["accuracy"] = metrics["accuracy_global"]
     return metrics
 
@@ -516,6 +529,28 @@ def _check_arguments(
         )
 
 
+def _watch_health(history: MetricsLogger, epoch: int) -> str:
+    """Runs `health.check_health` after an epoch: records its flags, warns
+    (`TrainingHealthWarning`) when a check starts failing, and returns the
+    progress bar's text."""
+    issues = check_health(history.history())
+    flags = health_metrics(issues)
+    previous = {
+        name: records[-1]["mean"]
+        for name in flags
+        if (records := history.history()["train"].get(name))
+    }
+    history.record("train", epoch, flags)
+    for issue in issues:
+        if not previous.get(f"health_{issue.check}"):
+            warnings.warn(
+                f"epoch {epoch + 1}: {issue.message}", TrainingHealthWarning, 3
+            )
+    text = history.latest(["total_loss", "perplexity"])
+    failed = sorted({issue.check for issue in issues})
+    return text + (f" | unhealthy: {', '.join(failed)}" if failed else "")
+
+
 def train(
     state: TrainState,
     rng: jax.Array,
@@ -562,6 +597,12 @@ def train(
       `(state, metrics)`: the final state and `metrics[split][name]`, a list of
       `{"mean", "std", "epoch"}` records, for "train" (every epoch) and "valid"
       (evaluated epochs).
+
+    After every epoch `health.check_health` looks for a codebook running away
+    from the encoder, a collapsing perplexity and dead codes: a failing check
+    is shown in the progress bar, recorded as `metrics["train"]["health_<check>"]`
+    (1 when failing at that epoch) and, when it starts failing, warned about
+    with the numbers and the remedy (`health.TrainingHealthWarning`).
 
     Raises:
       NonFiniteLossError: a loss became NaN or infinite; the message names the
@@ -633,7 +674,7 @@ def train(
                     history.log_step("valid", metrics, weight=len(batch["labels"]))
 
             _check_finite(history.flush(epoch), epoch, first_step)
-            epochs.set_postfix_str(history.latest(["total_loss"]))
+            epochs.set_postfix_str(_watch_health(history, epoch))
             if manager is not None:
                 checkpoint.save_epoch(manager, state, epoch, config, history.export())
     finally:

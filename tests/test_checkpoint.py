@@ -1,6 +1,7 @@
 """Checkpointed training: restore, resume after a kill, refuse the wrong run."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -65,12 +66,10 @@ def _snapshot(path: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run: (store_path, state, metrics)."""
-    store_path = tmp_path_factory.mktemp("reference")
-    state, metrics = worker.run(store_path)
-    return store_path, state, metrics
+@pytest.fixture
+def reference(reference_run):
+    """The uninterrupted run (conftest.py): (store_path, state, metrics)."""
+    return reference_run
 
 
 def test_finished_run_is_restored_without_training(reference, monkeypatch):
@@ -97,14 +96,12 @@ def test_checkpoint_restores_into_a_differently_seeded_state(reference):
     _assert_same_tree(state.params, reference_state.params)
     _assert_same_tree(state.opt_state, reference_state.opt_state)
     images = worker.make_splits()["valid"].images.frames[:4]
-    outputs = [
-        jax.jit(
-            lambda p: worker.MODEL.apply(
-                {"params": p}, images, False, method=LocalizationModel.compute_outputs
-            )
-        )(s.params)
-        for s in (state, reference_state)
-    ]
+    forward = jax.jit(
+        lambda p: worker.MODEL.apply(
+            {"params": p}, images, False, method=LocalizationModel.compute_outputs
+        )
+    )
+    outputs = [forward(s.params) for s in (state, reference_state)]
     _assert_same_tree(*outputs)
     # The metadata is plain JSON on disk, holding the config and the metrics.
     on_disk = json.loads((store_path / str(step) / "meta" / "metadata").read_text())
@@ -116,16 +113,12 @@ def test_checkpoint_restores_into_a_differently_seeded_state(reference):
     assert meta["config"]["input_shape"] == [16, 16, 1]
 
 
-def test_run_resumes_after_a_kill_and_ends_identical(
-    reference, tmp_path, tmp_path_factory
-):
+def test_run_resumes_after_a_kill_and_ends_identical(reference, tmp_path, caplog):
     store_path = tmp_path / "killed"
     env = {
-        **os.environ,
+        **os.environ,  # with the session's compilation cache (conftest.py)
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "JAX_PLATFORMS": "cpu",
-        # The second process reuses the first one's compiled steps.
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
     }
     command = [sys.executable, str(WORKER), str(store_path)]
     slow = subprocess.Popen(
@@ -149,13 +142,16 @@ def test_run_resumes_after_a_kill_and_ends_identical(
     assert slow.returncode == -signal.SIGKILL
     assert 0 < _finalized_steps(store_path)[-1] < FINAL_STEP
 
-    finished = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+    # Started again (in this process: nothing of the killed one is left but its
+    # files), the run resumes from its last finalized step.
+    with caplog.at_level(logging.INFO, logger="dlfb_localization"):
+        finished_state, finished_metrics = worker.run(store_path)
 
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert "resuming" in finished.stderr
+    assert any("resuming" in record.getMessage() for record in caplog.records)
     _, reference_state, reference_metrics = reference
+    _assert_same_run(
+        finished_state, finished_metrics, reference_state, reference_metrics
+    )
     with pytest.MonkeyPatch.context() as patch:
         _forbid_training(patch)
         state, metrics = worker.run(store_path)
@@ -284,3 +280,28 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path
     finally:
         manager.close()
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(kept.params))
+
+
+def test_a_run_written_before_the_lookup_setting_is_the_euclidean_one():
+    current = {"model": {"codebook": {"ema_decay": None, "lookup": "euclidean"}}}
+    written_before = {"model": {"codebook": {"ema_decay": None}}}
+    assert checkpoint.find_config_differences(written_before, current) == []
+    current["model"]["codebook"]["lookup"] = "cosine"
+    assert checkpoint.find_config_differences(written_before, current) == [
+        "model.codebook.lookup: stored 'euclidean', now 'cosine'"
+    ]
+    # Any other field missing from the stored run is still a difference.
+    current["model"]["codebook"]["new_setting"] = 1
+    assert "model.codebook.new_setting: only in the run" in (
+        checkpoint.find_config_differences(written_before, current)
+    )
+
+
+def test_a_run_folder_written_before_the_lookup_setting_reads_as_euclidean():
+    from dlfb_localization.runs import RunConfig
+
+    written_before = RunConfig(data="data").to_json()
+    del written_before["lookup"]
+    assert RunConfig.from_json(written_before).lookup == "euclidean"
+    assert RunConfig(data="data").lookup == "cosine"
+    assert RunConfig.from_json(RunConfig(data="data").to_json()).lookup == "cosine"

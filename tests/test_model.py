@@ -92,14 +92,21 @@ def test_upsampling_from_the_small_image_is_resize_then_conv(shape):
     def loss(fn, x, kernel):
         return jnp.sum(jnp.sin(fn(x, kernel)))
 
+    def gradients(fn):
+        return jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1)))
+
+    # Jitted, as the decoder runs them (and faster to compile than op by op).
     chapter = functools.partial(resize_then_conv, upfactor=2)
     np.testing.assert_allclose(
-        upsample2_conv3x3(x, kernel), chapter(x, kernel), rtol=1e-5, atol=1e-4
+        jax.jit(upsample2_conv3x3)(x, kernel),
+        jax.jit(chapter)(x, kernel),
+        rtol=1e-5,
+        atol=1e-4,
     )
     # Including the border ring, and the gradients for both arguments.
     for ours, theirs in zip(
-        jax.grad(functools.partial(loss, upsample2_conv3x3), argnums=(0, 1))(x, kernel),
-        jax.grad(functools.partial(loss, chapter), argnums=(0, 1))(x, kernel),
+        gradients(upsample2_conv3x3)(x, kernel),
+        gradients(chapter)(x, kernel),
         strict=True,
     ):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
@@ -144,13 +151,19 @@ def test_encoding_indices_look_up_the_forward_latents(tiny):
     def both(x):
         apply = functools.partial(model.apply, {"params": params})
         outputs = apply(x, is_training=False, method=LocalizationModel.compute_outputs)
-        return apply(x, method=LocalizationModel.get_encoding_indices), outputs
+        # The codes as the lookup uses them (unit columns: the cosine lookup).
+        codebook = apply(method=lambda m: m.vector_quantizer.lookup_codebook())
+        return (
+            apply(x, method=LocalizationModel.get_encoding_indices),
+            outputs,
+            codebook,
+        )
 
-    indices, outputs = both(images)
+    indices, outputs, codebook = both(images)
 
     assert indices.shape == (4, 4, 4)
     np.testing.assert_array_equal(indices, outputs.vq.indices)
-    codebook = params["vector_quantizer"]["codebook"]
+    np.testing.assert_allclose(np.linalg.norm(codebook, axis=0), 1.0, rtol=1e-5)
     # The decoder saw exactly these codes: the straight-through output is bit-equal.
     np.testing.assert_array_equal(lookup_codes(indices, codebook), outputs.vq.quantized)
 
@@ -215,6 +228,7 @@ def test_standardized_inputs_make_codes_blind_to_brightness(tiny):
     model, params, images = tiny
     brighter = 3.0 * images + 0.2  # the same pattern, imaged brighter
 
+    @functools.partial(jax.jit, static_argnums=0)  # compiled, as in training
     def indices(m, x):
         return m.apply(
             {"params": params}, x, method=LocalizationModel.get_encoding_indices
@@ -229,12 +243,14 @@ def test_standardized_inputs_make_codes_blind_to_brightness(tiny):
     np.testing.assert_allclose(
         reconstruct(state, brighter), 3.0 * reconstruct(state, images) + 0.2, atol=1e-4
     )
-    outputs = model.apply(
-        {"params": params},
-        images,
-        is_training=False,
-        method=LocalizationModel.compute_outputs,
-    )
+    outputs = jax.jit(
+        lambda x: model.apply(
+            {"params": params},
+            x,
+            is_training=False,
+            method=LocalizationModel.compute_outputs,
+        )
+    )(images)
     targets = np.asarray(outputs.targets)
     np.testing.assert_allclose(targets.mean(axis=(1, 2)), 0.0, atol=1e-5)
     np.testing.assert_allclose(targets.std(axis=(1, 2)), 1.0, atol=1e-4)

@@ -151,3 +151,35 @@ def test_usage_of_skewed_codes():
     np.testing.assert_allclose(usage.perplexity, np.exp(entropy), rtol=1e-5)
     np.testing.assert_allclose(usage.used_fraction, 2 / NUM_EMBEDDINGS)
     np.testing.assert_allclose(usage.max_share, 0.75)
+
+
+def test_cosine_lookup_picks_the_most_similar_unit_code_whatever_the_scale(
+    inputs_and_codebook,
+):
+    from dlfb_localization.model.quantizer import VectorQuantizer
+
+    inputs, codebook = inputs_and_codebook
+    vq = VectorQuantizer(NUM_EMBEDDINGS, EMBEDDING_DIM, 0.25, normalize=True)
+    params = {"params": {"codebook": jnp.asarray(codebook)}}
+    out = vq.apply(params, jnp.asarray(inputs))
+    flat = inputs.reshape(-1, EMBEDDING_DIM)
+    cosine = (flat / np.linalg.norm(flat, axis=1, keepdims=True)) @ (
+        codebook / np.linalg.norm(codebook, axis=0, keepdims=True)
+    )
+    np.testing.assert_array_equal(np.asarray(out.indices).ravel(), cosine.argmax(1))
+    # What is passed on are unit codes, so the decoder and the head see the
+    # same scale however large the encoder's outputs grow.
+    np.testing.assert_allclose(np.linalg.norm(out.quantized, axis=-1), 1, rtol=1e-5)
+    scaled = vq.apply(params, jnp.asarray(inputs) * 100.0)
+    np.testing.assert_array_equal(scaled.indices, out.indices)
+    np.testing.assert_allclose(scaled.quantized, out.quantized, atol=1e-6)
+    np.testing.assert_allclose(scaled.codebook_loss, out.codebook_loss, rtol=1e-4)
+    # The raw norms are still reported, for the health monitor.
+    np.testing.assert_allclose(
+        scaled.latent_norm, 100 * np.linalg.norm(flat, axis=1).mean(), rtol=1e-4
+    )
+    # The chapter's Euclidean lookup of the same vectors differs.
+    euclidean = VectorQuantizer(NUM_EMBEDDINGS, EMBEDDING_DIM, 0.25).apply(
+        params, jnp.asarray(inputs) * 100.0
+    )
+    assert not np.array_equal(euclidean.indices, out.indices)

@@ -90,10 +90,13 @@ def test_zero_classification_weight_leaves_the_head_untouched():
 
 def test_microbatched_step_is_the_full_batch_step():
     # Plain SGD, so the update is the gradient itself (Adam's first step turns
-    # the rounding noise of near-zero gradients into full-size steps).
+    # the rounding noise of near-zero gradients into full-size steps). One
+    # optimizer object, so equal batch shapes share a compiled step.
+    sgd = optax.sgd(1.0)
+
     def sgd_state():
         dummy_input = np.zeros((1, 16, 16, 1), dtype=np.float32)
-        return MODEL.create_train_state(jax.random.key(0), dummy_input, optax.sgd(1.0))
+        return MODEL.create_train_state(jax.random.key(0), dummy_input, sgd)
 
     batch = make_batch(n=8, seed=3)
     before = jax.device_get(sgd_state().params)
@@ -114,8 +117,13 @@ def test_microbatched_step_is_the_full_batch_step():
     for name in whole:
         np.testing.assert_allclose(parts[name], whole[name], rtol=1e-5, err_msg=name)
     # Code usage is counted over the whole batch, not averaged over the passes.
+    # The codes of one pass's worth of frames (2), each repeated 4 times: the
+    # same code distribution, in the shape whose step is already compiled.
     one_pass = train_step(
-        sgd_state(), {k: v[::4] for k, v in batch.items()}, jax.random.key(0), WEIGHT
+        sgd_state(),
+        {k: np.repeat(v[::4], 4, axis=0) for k, v in batch.items()},
+        jax.random.key(0),
+        WEIGHT,
     )[1]
     assert float(parts["perplexity"]) > float(one_pass["perplexity"])
 
@@ -157,6 +165,8 @@ def test_eval_and_train_compute_the_same_losses_without_dropout():
         "accuracy",
         "codebook_used_fraction",
         "codebook_max_share",
+        "latent_norm",
+        "codebook_norm",
     }
     assert set(trained) == set(evaluated)
     for name in evaluated:

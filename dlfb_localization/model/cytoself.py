@@ -180,19 +180,18 @@ class CytoselfModel(nn.Module):
         self.global_encoder = GlobalEncoder(
             dim, self.global_splits * dim, dtype=self.dtype
         )
-        learn_by_gradient = self.codebook.ema_decay is None
         self.vq_local = VectorQuantizer(
             self.num_embeddings,
             dim,
             self.commitment_cost,
-            learn_by_gradient=learn_by_gradient,
+            **self.codebook.quantizer_fields(),
         )
         self.vq_global = VectorQuantizer(
             self.num_embeddings,
             dim,
             self.commitment_cost,
             num_splits=self.global_splits,
-            learn_by_gradient=learn_by_gradient,
+            **self.codebook.quantizer_fields(),
         )
         self.global_decoder = GlobalDecoder(dim, dtype=self.dtype)
         self.merge = nn.Conv(dim, (3, 3), padding=1, dtype=self.dtype)

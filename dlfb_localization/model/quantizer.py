@@ -33,7 +33,12 @@ class VQOutput(NamedTuple):
       max_share: scalar, share of all positions taken by the busiest code.
       latents: the encoder outputs as they were quantized, `[..., D]` (split
         into `num_splits` sub-vectors on a new second-to-last axis when the
-        quantizer splits), without gradient: what EMA updates and restarts read.
+        quantizer splits; unit vectors when the quantizer normalizes), without
+        gradient: what EMA updates and restarts read.
+      latent_norm: scalar, mean L2 norm of the encoder's output vectors before
+        any normalization: a runaway encoder shows here first.
+      codebook_norm: scalar, mean L2 norm of the codebook's entries (before any
+        normalization).
     """
 
     quantized: jax.Array
@@ -44,6 +49,8 @@ class VQOutput(NamedTuple):
     used_fraction: jax.Array
     max_share: jax.Array
     latents: jax.Array | None = None
+    latent_norm: jax.Array | None = None
+    codebook_norm: jax.Array | None = None
 
 
 class CodeUsage(NamedTuple):
@@ -52,6 +59,13 @@ class CodeUsage(NamedTuple):
     perplexity: jax.Array
     used_fraction: jax.Array
     max_share: jax.Array
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+    """`x` divided by its L2 norm along `axis` (floored at 1e-6, so a zero
+    vector stays zero instead of becoming NaN)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, 1e-6)
 
 
 def compute_distances(flat_inputs: jax.Array, codebook: jax.Array) -> jax.Array:
@@ -217,6 +231,10 @@ def count_codes(indices: jax.Array, num_embeddings: int) -> jax.Array:
     return counts.reshape(batch, num_embeddings).astype(jnp.int32)
 
 
+def _mean_norm(x: jax.Array, axis: int) -> jax.Array:
+    return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(x), axis=axis)))
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-code bottleneck with a learned codebook.
 
@@ -233,6 +251,11 @@ class VectorQuantizer(nn.Module):
       learn_by_gradient: False for codebooks updated by moving averages
         (`model.codebook.update_codebook`): the codes then get no gradient, and
         the codebook loss is reported but does not train anything.
+      normalize: look codes up by cosine similarity (Yu et al. 2021,
+        "Vector-quantized image modeling with improved VQGAN"): encoder outputs
+        and codes are scaled to unit length before the lookup, the losses and
+        the straight-through output, so neither can run away from the other in
+        scale. False is the chapter's Euclidean lookup of raw vectors.
     """
 
     num_embeddings: int
@@ -240,6 +263,7 @@ class VectorQuantizer(nn.Module):
     commitment_cost: float
     num_splits: int = 1
     learn_by_gradient: bool = True
+    normalize: bool = False
 
     def setup(self) -> None:
         self.codebook = self.param(
@@ -260,6 +284,17 @@ class VectorQuantizer(nn.Module):
             return inputs
         return inputs.reshape(*inputs.shape[:-1], self.num_splits, self.embedding_dim)
 
+    def lookup_space(self, inputs: jax.Array) -> jax.Array:
+        """Encoder outputs as the lookup compares them with the codes: split
+        into sub-vectors, and scaled to unit length when normalizing."""
+        latents = self._split(inputs)
+        return l2_normalize(latents) if self.normalize else latents
+
+    def lookup_codebook(self) -> jax.Array:
+        """The `[D, K]` codebook as the lookup uses it (unit columns when
+        normalizing)."""
+        return l2_normalize(self.codebook, axis=0) if self.normalize else self.codebook
+
     def __call__(self, inputs: jax.Array) -> VQOutput:
         """Quantizes encoder outputs.
 
@@ -270,8 +305,9 @@ class VectorQuantizer(nn.Module):
           `VQOutput` with `quantized` shaped like `inputs` and `indices`
           `[batch, h, w]` (`[batch, h, w, num_splits]` when splitting).
         """
-        latents = self._split(inputs)
-        codebook = self.codebook
+        split = self._split(inputs)
+        latents = self.lookup_space(inputs)
+        codebook = self.lookup_codebook()
         if not self.learn_by_gradient:
             codebook = lax.stop_gradient(codebook)
         quantized, indices = quantize(latents, codebook)
@@ -290,9 +326,11 @@ class VectorQuantizer(nn.Module):
             used_fraction=usage.used_fraction,
             max_share=usage.max_share,
             latents=lax.stop_gradient(latents),
+            latent_norm=lax.stop_gradient(_mean_norm(split, axis=-1)),
+            codebook_norm=lax.stop_gradient(_mean_norm(self.codebook, axis=0)),
         )
 
     def get_closest_codebook_indices(self, inputs: jax.Array) -> jax.Array:
         """Nearest-code indices (the chapter's name): `[batch, h, w]`, or
         `[batch, h, w, num_splits]` when splitting."""
-        return find_nearest_codes(self._split(inputs), self.codebook)
+        return find_nearest_codes(self.lookup_space(inputs), self.lookup_codebook())

@@ -180,7 +180,7 @@ class LocalizationModel(nn.Module):
             num_embeddings=self.num_embeddings,
             embedding_dim=self.embedding_dim,
             commitment_cost=self.commitment_cost,
-            learn_by_gradient=self.codebook.ema_decay is None,
+            **self.codebook.quantizer_fields(),
         )
         self.decoder = Decoder(latent_dim=self.embedding_dim, dtype=self.dtype)
         self.classification_head = ClassificationHead(
@@ -289,7 +289,7 @@ class LocalizationModel(nn.Module):
     def codebook_latents(self, x: jax.Array) -> dict[str, jax.Array]:
         """Encoder outputs as each codebook sees them, by its parameters' name
         (what k-means initialisation clusters)."""
-        return {"vector_quantizer": self.encode(x)}
+        return {"vector_quantizer": self.vector_quantizer.lookup_space(self.encode(x))}
 
     @nn.nowrap
     def create_train_state(
