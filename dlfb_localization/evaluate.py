@@ -58,16 +58,19 @@ __all__ = [
 ]
 
 # Distance used for each embedding, by k-NN and by the cluster score's UMAP.
-# Histograms: cosine. Every frame's histogram sums to h * w, so what tells frames
-# apart is the shape of their code usage, and cosine compares exactly that; it is
-# the usual choice for count vectors and, unlike correlation distance, is defined
-# for every non-zero vector. It also treats frame histograms and protein means
-# (which are averages) alike. Mean vectors and PCA scores are continuous features
-# whose magnitudes mean something, so they use Euclidean distance.
+# Histograms: Hellinger, the Euclidean distance between the square roots of the
+# code-use distributions (each histogram divided by its sum). A histogram is a
+# distribution over codes, and the square root stabilizes count variance: a
+# few busy codes (background, the nucleus) no longer outweigh the rarer codes
+# that tell patterns apart. Measured on the demo's 150 unseen proteins (one
+# seed), it raised a trained model's protein-level 5-NN from 0.69-0.71 (cosine
+# of raw counts) to 0.74-0.79, and left an untrained model's at 0.67-0.71.
+# Mean vectors and PCA scores are continuous features whose magnitudes mean
+# something, so they use Euclidean distance.
 EMBEDDING_METRICS = {
-    "codebook_histogram": "cosine",
+    "codebook_histogram": "hellinger",
     "mean_quantized": "euclidean",
-    "global_codebook_histogram": "cosine",
+    "global_codebook_histogram": "hellinger",
     "global_mean_quantized": "euclidean",
     "pixels_pca": "euclidean",
 }
@@ -79,8 +82,16 @@ _FRAME_EMBEDDINGS = {
     "global_codebook_histogram": "frame_histograms_global",
     "global_mean_quantized": "frame_vectors_global",
 }
-# Label sets: every annotated localization, or the chapter's nine only.
-LABEL_SETS = ("all", "nine")
+# Label sets, as `(Labels.localizations mode, restrict to the chapter's nine)`:
+# "all", every protein by its predominant localization; "nine", only proteins
+# whose predominant localization is one of the chapter's nine; "single", only
+# proteins annotated with exactly one localization (whose label is not a
+# judgement between two), as cytoself's clustering score uses them.
+LABEL_SETS = {
+    "all": ("predominant", False),
+    "nine": ("predominant", True),
+    "single": ("single", False),
+}
 PCA_COMPONENTS = 64
 # PCA is fitted on at most this many frames of the split (a seeded sample), so
 # the baseline's memory stays bounded on the full data set; all frames are
@@ -113,8 +124,9 @@ def predict_knn(
       groups: `[n]` group ids; samples of the same group never neighbour each
         other. Pass `np.arange(n)` for plain leave-one-out.
       k: neighbours per vote.
-      metric: any scikit-learn `NearestNeighbors` metric ("cosine",
-        "euclidean", "correlation", …).
+      metric: "hellinger" (for non-negative histograms: Euclidean distance of
+        the square roots of each row divided by its sum) or any scikit-learn
+        `NearestNeighbors` metric ("cosine", "euclidean", "correlation", …).
 
     Returns:
       `[n]` predicted labels.
@@ -132,6 +144,7 @@ def predict_knn(
         )
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    features, metric = to_metric_space(features, metric)
     _, group_index, group_sizes = np.unique(
         groups, return_inverse=True, return_counts=True
     )
@@ -155,6 +168,19 @@ def predict_knn(
     # Neighbours are sorted by distance: the first kept one of a tied class wins.
     first = np.argmax(keep & tied[rows, neighbour_codes], axis=1)
     return classes[neighbour_codes[np.arange(n), first]]
+
+
+def to_metric_space(features: np.ndarray, metric: str) -> tuple[np.ndarray, str]:
+    """`(features, metric)` for scikit-learn and UMAP: "hellinger" becomes the
+    square roots of the rows' distributions under "euclidean"; any other
+    metric is returned as it is."""
+    if metric != "hellinger":
+        return features, metric
+    features = np.asarray(features, np.float64)
+    if np.any(features < 0):
+        raise ValueError("the Hellinger distance needs non-negative histograms")
+    totals = features.sum(axis=1, keepdims=True)
+    return np.sqrt(features / np.where(totals > 0, totals, 1.0)), "euclidean"
 
 
 def _score_predictions(labels: np.ndarray, predictions: np.ndarray) -> dict:
@@ -331,22 +357,29 @@ def compute_reconstruction_mse(
     return total / count
 
 
+# Frames per PCA projection chunk, whatever the caller's batch size.
+_PCA_CHUNK = 256
+
+
 def compute_pixel_pca(
     dataset_split: Dataset,
     *,
     n_components: int = PCA_COMPONENTS,
     random_state: int = 0,
-    batch_size: int = 256,
     max_fit_frames: int = PCA_MAX_FIT_FRAMES,
 ) -> dict[str, np.ndarray]:
     """The raw-pixel baseline: PCA scores of the flattened frames.
+
+    Frames are projected in chunks of a fixed size (`_PCA_CHUNK`): a BLAS
+    matrix product's float order depends on its shape, so chunks that followed
+    the caller's batch size would change the scores' last bits with it, and the
+    UMAP of the scores (which amplifies any difference) with them.
 
     Args:
       dataset_split: the frames; PCA is fitted on them (at most `max_fit_frames`
         of them, sampled with `random_state`) and projects all of them.
       n_components: at most this many components (fewer if the data has fewer).
       random_state: seeds the fitting sample and scikit-learn's solver.
-      batch_size: frames per projection batch.
       max_fit_frames: cap on the frames held in memory for fitting.
 
     Returns:
@@ -363,9 +396,10 @@ def compute_pixel_pca(
     n_components = min(n_components, *fit_images.shape)
     pca = PCA(n_components=n_components, random_state=random_state)
     pca.fit(fit_images.astype(np.float32))
+    frames = dataset_split.images.frames
     features = [
-        pca.transform(batch["images"][:count].reshape(count, -1))
-        for batch, count in iterate_inference_batches(dataset_split, batch_size)
+        pca.transform(np.asarray(frames[ids], np.float32).reshape(len(ids), -1))
+        for ids in np.array_split(frame_ids, max(1, -(-n // _PCA_CHUNK)))
     ]
     return {
         "frame_ids": frame_ids.astype(np.int64),
@@ -377,6 +411,7 @@ def _project_2d(features: np.ndarray, metric: str, random_state: int) -> np.ndar
     """A seeded 2-D UMAP (single-threaded, hence reproducible)."""
     import umap  # numba compiles on first use; keep it off the import path
 
+    features, metric = to_metric_space(features, metric)
     n_neighbors = max(2, min(UMAP_NEIGHBORS, len(features) - 1))
     reducer = umap.UMAP(
         n_components=2,
@@ -407,9 +442,12 @@ def evaluate(
 
     Labels. A frame's label is its protein's predominant localization (the first
     name of its highest annotated grade, `loc_grade1` whenever it is filled);
-    frames of unannotated proteins are left out. Two label sets are scored:
-    "all" (every annotated localization is a class) and "nine" (only the
-    chapter's nine localizations of interest, other frames left out).
+    frames of unannotated proteins are left out. Three label sets are scored
+    (`LABEL_SETS`): "all" (every annotated localization is a class), "nine"
+    (only the chapter's nine localizations of interest, other frames left out)
+    and "single" (only proteins annotated with exactly one localization: for a
+    protein with two, its "predominant" one is a judgement between them that
+    no embedding can be expected to make).
 
     k-NN. Frame level: leave-one-protein-out, i.e. a frame's neighbours come
     only from other proteins (frames of the same protein, even from other fields
@@ -453,9 +491,7 @@ def evaluate(
       and `reconstruction_mse`.
     """
     embeddings = get_frame_embeddings(state, dataset_split, batch_size)
-    pca = compute_pixel_pca(
-        dataset_split, random_state=random_state, batch_size=batch_size
-    )
+    pca = compute_pixel_pca(dataset_split, random_state=random_state)
     frame_ids = embeddings["frame_ids"]
     # The per-frame labels below are in the split's frame-id order; so are these.
     assert np.array_equal(frame_ids, dataset_split.labels.frame_ids)
@@ -515,13 +551,10 @@ def _score_localization_knn(
         )
     labels_info: dict[str, dict] = {}
     knn: dict[str, dict] = {"frame": {}, "protein": {}}
-    for label_set in LABEL_SETS:
-        restrict = label_set == "nine"
-        frame_labels = dataset_split.labels.localizations(
-            "predominant", restrict=restrict
-        )
+    for label_set, (mode, restrict) in LABEL_SETS.items():
+        frame_labels = dataset_split.labels.localizations(mode, restrict=restrict)
         protein_labels = protein_localizations(
-            dataset_split, protein_ids, "predominant", restrict=restrict
+            dataset_split, protein_ids, mode, restrict=restrict
         )
         frame_mask, protein_mask = frame_labels != "", protein_labels != ""
         labels_info[label_set] = {

@@ -21,12 +21,14 @@ from dlfb_localization.evaluate import (
 from dlfb_localization.model import LocalizationModel
 
 MODEL = LocalizationModel(
-    num_classes=8,
+    # The head is not used here: test_model's tiny shapes, so that the
+    # session compiles their initialization once (conftest.py's cache).
+    num_classes=4,
     embedding_dim=8,
     num_embeddings=16,
     commitment_cost=0.25,
     dropout_rate=0.0,
-    classification_head_layers=1,
+    classification_head_layers=2,
 )
 
 
@@ -66,6 +68,32 @@ def test_neighbours_from_the_samples_own_group_never_vote():
     np.testing.assert_array_equal(predictions, ["b", "b", "a", "a", "b", "b", "a", "a"])
     plain = predict_knn(features, labels, np.arange(8), k=1)
     np.testing.assert_array_equal(plain, labels)
+
+
+def test_hellinger_compares_the_square_roots_of_code_use_distributions():
+    rng = np.random.default_rng(4)
+    # A busy code shared by every frame (background), and rarer codes that
+    # tell two classes apart.
+    labels = np.repeat(["a", "b"], 20)
+    histograms = np.zeros((40, 6))
+    histograms[:, 0] = 600
+    histograms[:20, 1:3] = rng.poisson(12, (20, 2))
+    histograms[20:, 3:5] = rng.poisson(12, (20, 2))
+    histograms[:, 5] = rng.poisson(4, 40)
+    groups = np.arange(40)
+    hellinger = predict_knn(histograms, labels, groups, k=3, metric="hellinger")
+    by_hand = np.sqrt(histograms / histograms.sum(axis=1, keepdims=True))
+    np.testing.assert_array_equal(
+        hellinger, predict_knn(by_hand, labels, groups, k=3, metric="euclidean")
+    )
+    np.testing.assert_array_equal(hellinger, labels)
+    # A distribution, not counts: scaling a frame's histogram changes nothing.
+    scaled = histograms * rng.integers(1, 5, (40, 1))
+    np.testing.assert_array_equal(
+        predict_knn(scaled, labels, groups, k=3, metric="hellinger"), hellinger
+    )
+    with pytest.raises(ValueError, match="non-negative"):
+        predict_knn(-histograms, labels, groups, k=3, metric="hellinger")
 
 
 def test_a_tied_vote_goes_to_the_nearest_neighbours_class():
@@ -172,8 +200,10 @@ def test_evaluate_puts_the_pixel_baseline_and_chance_beside_every_model_number(
     _, _, result, _ = evaluated
     expected = {"codebook_histogram", "mean_quantized", "pixels_pca", "majority_class"}
     for level in ("frame", "protein"):
-        for label_set in ("all", "nine"):
+        for label_set in ("all", "nine", "single"):
             assert set(result["knn"][level][label_set]) == expected
+        # Every protein of the planted split has one localization.
+        assert result["knn"][level]["single"] == result["knn"][level]["all"]
     for subset in ("predominant", "single"):
         assert set(result["cluster_score"][subset]) == expected - {"majority_class"}
     # The planted localizations are visible in the pixels, across proteins.

@@ -31,7 +31,7 @@ __all__ = [
 # The distance each embedding is compared with: those of the protein-level
 # k-NN (`evaluate.EMBEDDING_METRICS`; a test keeps the two equal). Not imported
 # from there, to keep scikit-learn out of `train`'s imports.
-EMBEDDING_METRICS = {"codebook_histogram": "cosine", "mean_quantized": "euclidean"}
+EMBEDDING_METRICS = {"codebook_histogram": "hellinger", "mean_quantized": "euclidean"}
 # Angles that no pixel permutation reaches.
 DEFAULT_ANGLES = (15.0, 30.0, 45.0, 60.0)
 
@@ -69,6 +69,10 @@ def _embed_rotated(
 def _paired_distances(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
     """Row-wise distances between `[n, d]` arrays (float64)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if metric == "hellinger":
+        a = np.sqrt(a / np.maximum(a.sum(axis=-1, keepdims=True), 1e-300))
+        b = np.sqrt(b / np.maximum(b.sum(axis=-1, keepdims=True), 1e-300))
+        metric = "euclidean"
     if metric == "euclidean":
         return np.linalg.norm(a - b, axis=-1)
     if metric == "cosine":
