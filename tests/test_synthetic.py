@@ -12,7 +12,9 @@ from dlfb_localization.dataset.localizations import LOCALIZATIONS_OF_INTEREST
 from dlfb_localization.dataset.synthetic import (
     LABEL_COLUMNS,
     PATTERNS,
+    SECOND_STYLE,
     SyntheticSpec,
+    SyntheticStyle,
     generate_protein,
     write_release,
     write_sample_format,
@@ -275,6 +277,28 @@ def test_small_crops_keep_cells_at_their_real_size():
     frames, labels = generate_protein(spec, 0)
     assert frames.shape == (len(labels), 32, 32, 4)
     assert (frames[:, 16, 16, 3] == 1).all()
+
+
+def test_the_second_style_changes_the_look_and_keeps_the_plan():
+    spec = SyntheticSpec(n_proteins=3, fovs_per_protein=1, crops_per_fov=6, n_blocks=1)
+    second = dataclasses.replace(spec, style=SECOND_STYLE)
+
+    def roughness(protein):  # high-frequency share: noise and fine detail
+        return np.std(np.diff(protein, axis=1)) / np.std(protein)
+
+    for index in range(3):
+        frames, labels = generate_protein(spec, index)
+        other_frames, other_labels = generate_protein(second, index)
+        # Same proteins, localizations and crop counts: only pixels change.
+        pd.testing.assert_frame_equal(labels, other_labels)
+        # Smaller nuclei (the distance to the nuclear boundary at the centre)...
+        assert np.median(other_frames[:, 50, 50, 2]) < 0.9 * np.median(
+            frames[:, 50, 50, 2]
+        )
+        # ...and dimmer, noisier proteins.
+        assert roughness(other_frames[..., 0]) > roughness(frames[..., 0])
+    with pytest.raises(ValueError, match="brightness"):
+        SyntheticStyle(brightness=0.0)
 
 
 @pytest.mark.parametrize(

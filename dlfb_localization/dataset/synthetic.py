@@ -43,7 +43,9 @@ from dlfb_localization.dataset.sources import LABEL_COLUMNS
 __all__ = [
     "LABEL_COLUMNS",
     "PATTERNS",
+    "SECOND_STYLE",
     "SyntheticSpec",
+    "SyntheticStyle",
     "generate_protein",
     "write_release",
     "write_sample_format",
@@ -126,6 +128,52 @@ _LABEL_RE = re.compile(r"^Label_data(\d+)\.csv$")
 
 
 @dataclasses.dataclass(frozen=True)
+class SyntheticStyle:
+    """Imaging and biology knobs of the generator; the defaults are its own look.
+
+    A second setting (`SECOND_STYLE`) checks that a result is not a property of
+    one generator.
+
+    Attributes:
+      cell_scale: multiplies the cells' spacing and the nuclei's size.
+      brightness: multiplies every protein's photon count (lower is noisier).
+      psf_sigma: the optics' Gaussian blur, in pixels.
+      read_noise: the camera's read noise, in photon-equivalents per pixel.
+      texture_scale: multiplies the length scale of the proteins' patterns.
+      expression_spread: multiplies the cell-to-cell spread of expression.
+    """
+
+    cell_scale: float = 1.0
+    brightness: float = 1.0
+    psf_sigma: float = _PSF_SIGMA
+    read_noise: float = _READ_NOISE
+    texture_scale: float = 1.0
+    expression_spread: float = 1.0
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"SyntheticStyle.{field.name} must be a number")
+            if not 0 < value < 100:
+                raise ValueError(
+                    f"SyntheticStyle.{field.name}={value} is outside (0, 100)"
+                )
+
+
+# Smaller, more crowded cells, dimmer and noisier proteins, more blur, coarser
+# patterns and more cell-to-cell variation than the default look.
+SECOND_STYLE = SyntheticStyle(
+    cell_scale=0.82,
+    brightness=0.35,
+    psf_sigma=1.3,
+    read_noise=3.0,
+    texture_scale=1.35,
+    expression_spread=1.6,
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class SyntheticSpec:
     """What to generate.
 
@@ -140,6 +188,7 @@ class SyntheticSpec:
         size (nuclei ~35 px) whatever the crop size.
       secondary_fraction: share of proteins given secondary localizations.
       seed: non-negative integer; the same spec always writes the same bytes.
+      style: the imaging and biology knobs (`SyntheticStyle`).
     """
 
     n_proteins: int = 30
@@ -149,6 +198,7 @@ class SyntheticSpec:
     image_size: int = 100
     secondary_fraction: float = 0.3
     seed: int = 0
+    style: SyntheticStyle = SyntheticStyle()
 
     def __post_init__(self):
         for field, minimum in (
@@ -265,9 +315,17 @@ def _plan(spec: SyntheticSpec) -> tuple[_Protein, ...]:
                 components=tuple(components),
                 crops=tuple(int(c) for c in crops),
                 # Log-normal: most proteins are well expressed, some dim and noisy.
-                brightness=float(np.clip(120.0 * np.exp(0.9 * prng.normal()), 8, 4000)),
-                expression_sigma=float(prng.uniform(0.1, 0.4)),
-                texture=float(prng.uniform(0.8, 1.3)),
+                brightness=float(
+                    np.clip(
+                        120.0 * spec.style.brightness * np.exp(0.9 * prng.normal()),
+                        8 * spec.style.brightness,
+                        4000,
+                    )
+                ),
+                expression_sigma=float(
+                    prng.uniform(0.1, 0.4) * spec.style.expression_spread
+                ),
+                texture=float(prng.uniform(0.8, 1.3) * spec.style.texture_scale),
                 puncta_density=float(np.exp(0.35 * prng.normal())),
                 puncta_size=float(prng.uniform(0.8, 1.3)),
                 diffuse=float(np.exp(prng.uniform(np.log(0.005), np.log(0.08)))),
@@ -458,7 +516,9 @@ class _Fov:
         self.__dict__.update(arrays)
 
 
-def _layout(rng: np.random.Generator, size: int, spacing: float) -> dict:
+def _layout(
+    rng: np.random.Generator, size: int, spacing: float, cell_scale: float
+) -> dict:
     """Cell seeds and nuclei of a FOV of side `size` px.
 
     Seeds form a rotated, jittered hexagonal lattice reaching past the border, so
@@ -489,7 +549,7 @@ def _layout(rng: np.random.Generator, size: int, spacing: float) -> dict:
     meander = rng.uniform(-1, 1, n) * (2 * spacing * _MEANDER_PX)
 
     mitotic = rng.random(n) < _MITOTIC_FRACTION
-    a = _NUCLEUS_SEMI_MAJOR * np.exp(0.07 * rng.normal(size=n))
+    a = _NUCLEUS_SEMI_MAJOR * cell_scale * np.exp(0.07 * rng.normal(size=n))
     b = a * rng.uniform(0.74, 0.95, n)
     a = np.where(mitotic, a * 0.8, a)
     b = np.where(mitotic, a * rng.uniform(0.32, 0.45, n), b)
@@ -972,6 +1032,7 @@ def _image(
     photons: float,
     background: float,
     saturated: float,
+    style: SyntheticStyle,
 ) -> np.ndarray:
     """Optics and camera: PSF blur, shot and read noise, per-FOV scaling to [0, 1].
 
@@ -983,10 +1044,10 @@ def _image(
     The FOV is scaled so that a share `saturated` of its pixels reach 1 and are
     clipped there, like the contrast-stretched OpenCell images.
     """
-    signal = ndimage.gaussian_filter(clean, _PSF_SIGMA, truncate=3.0)
+    signal = ndimage.gaussian_filter(clean, style.psf_sigma, truncate=3.0)
     signal *= _F32(photons)
     noise = rng.standard_normal(signal.shape, dtype=_F32)
-    noise *= np.sqrt(signal + _F32(background + _READ_NOISE**2))
+    noise *= np.sqrt(signal + _F32(background + style.read_noise**2))
     signal += noise
     signal += _F32(_PEDESTAL * background)
     # The quantile of every 3rd pixel is as good and three times cheaper.
@@ -1013,12 +1074,12 @@ def _render_fov(spec: SyntheticSpec, protein: _Protein, fov_index: int) -> np.nd
     )
     n_crops = protein.crops[fov_index]
     crop = spec.image_size
-    spacing = _CELL_SPACING * rng.uniform(0.93, 1.07)
+    spacing = _CELL_SPACING * spec.style.cell_scale * rng.uniform(0.93, 1.07)
     size = _fov_size(n_crops, crop, spacing)
     while True:
         # The layout alone tells which nuclei can be cropped, so a FOV too small
         # for `n_crops` is enlarged before any pixel is drawn.
-        cells = _layout(rng, size, spacing)
+        cells = _layout(rng, size, spacing, spec.style.cell_scale)
         cy = np.rint(cells["sy"]).astype(np.intp)
         cx = np.rint(cells["sx"]).astype(np.intp)
         # Usable: the crop window and the whole nucleus lie inside the FOV.
@@ -1047,10 +1108,20 @@ def _render_fov(spec: SyntheticSpec, protein: _Protein, fov_index: int) -> np.nd
     protein_clean *= expression.astype(_F32)[fov.owner]
     background = rng.uniform(2.0, 6.0)
     protein_image = _image(
-        rng, protein_clean, protein.brightness, background, _SATURATED_PROTEIN
+        rng,
+        protein_clean,
+        protein.brightness,
+        background,
+        _SATURATED_PROTEIN,
+        spec.style,
     )
     hoechst = _image(
-        rng, fov.chromatin, rng.uniform(250, 600), background, _SATURATED_HOECHST
+        rng,
+        fov.chromatin,
+        rng.uniform(250, 600),
+        background,
+        _SATURATED_HOECHST,
+        spec.style,
     )
 
     stack = np.stack([protein_image, hoechst, fov.distance, fov.nucleus], axis=-1)
