@@ -60,13 +60,16 @@ def _accuracies(result: dict, label_set: str) -> dict[str, float]:
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
-    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
     overrides = {}
     for pair in pairs:
         name, _, text = pair.partition("=")
         if name not in fields:
             raise SystemExit(f"--set {pair}: no RunConfig field {name!r}")
-        overrides[name] = json.loads(text) if text[:1] in "0123456789-[{tfn" else text
+        try:
+            overrides[name] = json.loads(text)  # numbers, true/false/null, lists
+        except json.JSONDecodeError:
+            overrides[name] = text  # e.g. lookup=euclidean, augment=none
     return overrides
 
 

@@ -48,6 +48,21 @@ def _embed_batch(apply_fn, params, images: jax.Array) -> dict[str, jax.Array]:
     return apply_fn({"params": params}, images, method=_summarise_frames)
 
 
+def hellinger_features(histograms: np.ndarray) -> np.ndarray:
+    """Square roots of each row divided by its sum (float64): Euclidean
+    distance between these is the Hellinger distance between the rows' code-use
+    distributions (up to a factor of sqrt 2). An all-zero row stays zero.
+
+    Raises:
+      ValueError: a negative entry (not a histogram).
+    """
+    histograms = np.asarray(histograms, np.float64)
+    if np.any(histograms < 0):
+        raise ValueError("the Hellinger distance needs non-negative histograms")
+    totals = histograms.sum(axis=-1, keepdims=True)
+    return np.sqrt(histograms / np.where(totals > 0, totals, 1.0))
+
+
 def iterate_inference_batches(
     dataset_split: Dataset, batch_size: int
 ) -> Iterator[tuple[dict[str, np.ndarray], int]]:

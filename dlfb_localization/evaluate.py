@@ -36,6 +36,7 @@ from dlfb_localization.embeddings import (
     aggregate_by_protein,
     frame_protein_ids,
     get_frame_embeddings,
+    hellinger_features,
     iterate_inference_batches,
     protein_localizations,
 )
@@ -177,11 +178,7 @@ def to_metric_space(features: np.ndarray, metric: str) -> tuple[np.ndarray, str]
     metric is returned as it is."""
     if metric != "hellinger":
         return features, metric
-    features = np.asarray(features, np.float64)
-    if np.any(features < 0):
-        raise ValueError("the Hellinger distance needs non-negative histograms")
-    totals = features.sum(axis=1, keepdims=True)
-    return np.sqrt(features / np.where(totals > 0, totals, 1.0)), "euclidean"
+    return hellinger_features(features), "euclidean"
 
 
 def _score_predictions(labels: np.ndarray, predictions: np.ndarray) -> dict:

@@ -94,7 +94,7 @@ def _check_level(history: History, level: str) -> list[HealthIssue]:
     where = f" ({level} codebook)" if level else ""
     issues = []
     losses = _means(history, f"codebook_loss{suffix}")
-    epoch = len(losses) - 1
+    epoch = len(losses) - 1  # every series has one record per epoch
     if len(losses) >= 2:
         lowest = min(losses[:-1])
         if losses[-1] > losses[-2] and losses[-1] > DRIFT_RATIO * lowest:
@@ -124,7 +124,7 @@ def _check_level(history: History, level: str) -> list[HealthIssue]:
                 HealthIssue(
                     "perplexity_collapse",
                     level,
-                    len(perplexity) - 1,
+                    epoch,
                     f"perplexity{where} fell from {best:.1f} to "
                     f"{perplexity[-1]:.1f}: " + _REMEDY["perplexity_collapse"],
                 )
@@ -135,7 +135,7 @@ def _check_level(history: History, level: str) -> list[HealthIssue]:
             HealthIssue(
                 "dead_codes",
                 level,
-                len(used) - 1,
+                epoch,
                 f"{1 - used[-1]:.0%} of the codes{where} unused in a batch: "
                 + _REMEDY["dead_codes"],
             )

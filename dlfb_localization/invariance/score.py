@@ -18,7 +18,7 @@ import numpy as np
 from flax.training.train_state import TrainState
 
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.embeddings import iterate_inference_batches
+from dlfb_localization.embeddings import hellinger_features, iterate_inference_batches
 from dlfb_localization.invariance.transforms import D4_ORDER, d4_orbit, rotate
 
 __all__ = [
@@ -70,9 +70,7 @@ def _paired_distances(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
     """Row-wise distances between `[n, d]` arrays (float64)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if metric == "hellinger":
-        a = np.sqrt(a / np.maximum(a.sum(axis=-1, keepdims=True), 1e-300))
-        b = np.sqrt(b / np.maximum(b.sum(axis=-1, keepdims=True), 1e-300))
-        metric = "euclidean"
+        a, b, metric = hellinger_features(a), hellinger_features(b), "euclidean"
     if metric == "euclidean":
         return np.linalg.norm(a - b, axis=-1)
     if metric == "cosine":

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.cluster import KMeans
 
+from dlfb_localization.model.quantizer import l2_normalize
+
 __all__ = [
     "LOOKUPS",
     "CodebookOptions",
@@ -164,11 +166,10 @@ def update_codebook(
         # where the codebook describes the data worst, e.g. in a cluster that
         # shares its code with another, rather than taking over a cluster that
         # already has a code of its own (which would only kill that code).
-        codes = codebook
-        if options.lookup == "cosine":  # `latents` are unit vectors then
-            codes = codebook / jnp.maximum(
-                jnp.linalg.norm(codebook, axis=0, keepdims=True), 1e-6
-            )
+        # With the cosine lookup `latents` are unit vectors: compare unit codes.
+        codes = (
+            l2_normalize(codebook, axis=0) if options.lookup == "cosine" else codebook
+        )
         errors = jnp.sum(jnp.square(flat - codes.T[flat_indices]), axis=1)
         picks = jax.random.categorical(
             rng, jnp.log(errors + 1e-12), shape=(num_embeddings,)

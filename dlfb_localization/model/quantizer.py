@@ -287,7 +287,9 @@ class VectorQuantizer(nn.Module):
     def lookup_space(self, inputs: jax.Array) -> jax.Array:
         """Encoder outputs as the lookup compares them with the codes: split
         into sub-vectors, and scaled to unit length when normalizing."""
-        latents = self._split(inputs)
+        return self._to_lookup_space(self._split(inputs))
+
+    def _to_lookup_space(self, latents: jax.Array) -> jax.Array:
         return l2_normalize(latents) if self.normalize else latents
 
     def lookup_codebook(self) -> jax.Array:
@@ -306,7 +308,7 @@ class VectorQuantizer(nn.Module):
           `[batch, h, w]` (`[batch, h, w, num_splits]` when splitting).
         """
         split = self._split(inputs)
-        latents = self.lookup_space(inputs)
+        latents = self._to_lookup_space(split)
         codebook = self.lookup_codebook()
         if not self.learn_by_gradient:
             codebook = lax.stop_gradient(codebook)
