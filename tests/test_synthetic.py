@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dlfb_localization.dataset import synthetic
 from dlfb_localization.dataset.localizations import LOCALIZATIONS_OF_INTEREST
 from dlfb_localization.dataset.synthetic import (
     LABEL_COLUMNS,
@@ -19,6 +18,8 @@ from dlfb_localization.dataset.synthetic import (
     write_release,
     write_sample_format,
 )
+from dlfb_localization.dataset.synthetic.render import _render_fov
+from dlfb_localization.dataset.synthetic.spec import _plan
 
 # Tiny but real-sized crops: 9 proteins (all of the chapter's nine), 2 FOVs each.
 TINY = SyntheticSpec(n_proteins=9, fovs_per_protein=2, crops_per_fov=2, n_blocks=3)
@@ -197,7 +198,7 @@ def test_a_secondary_localization_is_visible():
     # The same nucleoplasmic protein without and with a cytoplasmic pool at grade 2.
     spec = SyntheticSpec(n_proteins=1, fovs_per_protein=1, crops_per_fov=3, n_blocks=1)
     protein = dataclasses.replace(
-        synthetic._plan(spec)[0],
+        _plan(spec)[0],
         components=(("nucleoplasm", 1.0),),
         diffuse=0.0,
         brightness=500.0,
@@ -207,7 +208,7 @@ def test_a_secondary_localization_is_visible():
     )
     ratios = []
     for p in (protein, both):
-        frames = synthetic._render_fov(spec, p, 0)
+        frames = _render_fov(spec, p, 0)
         cytoplasm = (frames[..., 3] == 0) & (frames[..., 0] > 0)
         nucleus = frames[..., 3] == 1
         ratios.append(frames[..., 0][cytoplasm].mean() / frames[..., 0][nucleus].mean())
