@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from dlfb_localization.dataset.localizations import LOCALIZATIONS_OF_INTEREST
+from dlfb_localization.dataset.sources import discover_blocks
 from dlfb_localization.dataset.synthetic import (
     LABEL_COLUMNS,
     PATTERNS,
@@ -255,6 +256,32 @@ def test_sample_format_round_trips(tmp_path):
         assert label.dtype == object and label.shape == (len(frames), 3)
         main = labels["loc_grade1"].iloc[0].split(";")[0]
         assert (label == [labels["ensg"].iloc[0], name, main]).all()
+
+
+def test_the_reader_finds_what_the_writers_write(tiny_release, tmp_path):
+    # Reader and writers share the formats' names: every block and protein written
+    # is found, in order, with its pixels and labels.
+    path, _ = tiny_release
+    images, labels = _read_release(path, 3)
+    blocks = discover_blocks(path, (0, 1, 2, 3))
+    assert [b.name for b in blocks] == [f"Image_data{b:02d}.npy" for b in range(3)]
+    for block, frames, table in zip(blocks, images, labels, strict=True):
+        np.testing.assert_array_equal(block.read(0, len(frames), (0, 1, 2, 3)), frames)
+        got = block.read_labels()
+        assert list(got["fov_id"]) == list(table["FOV_id"].astype(int))
+        assert list(got["loc_grade1"]) == list(table["loc_grade1"])
+
+    spec = SyntheticSpec(n_proteins=2, fovs_per_protein=1, crops_per_fov=2)
+    write_sample_format(tmp_path, spec)
+    blocks = discover_blocks(tmp_path, (0, 1, 2), trust_pickled_labels=True)
+    assert len(blocks) == 2
+    for index, block in enumerate(blocks):
+        frames, labels = generate_protein(spec, index)
+        assert block.name == f"{labels['name'].iloc[0]}_pro.npy"
+        np.testing.assert_array_equal(
+            block.read(0, len(frames), (2,))[..., 0], frames[..., 2]
+        )
+        assert list(block.read_labels()["ensg"]) == list(labels["ensg"])
 
 
 def test_rewriting_with_fewer_blocks_removes_stale_ones(tmp_path):

@@ -9,30 +9,34 @@
 
 Both become a list of `Block`s: a slice of frames whose pixels are read lazily from
 memory-mapped files, and whose labels are a typed table. Every check here raises
-`DataFormatError` naming the file and what to do about it.
+`DataFormatError` naming the file and what to do about it. The formats' file names,
+suffixes and label columns are defined in `formats`, shared with the writer.
 """
 
 import dataclasses
 import os
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from dlfb_localization.dataset.formats import (
+    IMAGE_BLOCK_RE,
+    LABEL_BLOCK_RE,
+    LABEL_COLUMNS,
+    RELEASE_CHANNELS,
+    SAMPLE_CHANNELS,
+    SAMPLE_LABEL_SUFFIX,
+    SAMPLE_SUFFIXES,
+    image_block_name,
+    label_block_name,
+)
 from dlfb_localization.dataset.localizations import GRADE_COLUMNS
 
-RELEASE_CHANNELS = ("protein", "nucleus", "nuclear_distance", "nuclear_segmentation")
-SAMPLE_CHANNELS = ("protein", "nucleus", "nuclear_distance")
-SAMPLE_SUFFIXES = ("_pro.npy", "_nuc.npy", "_nucdist.npy")
-LABEL_COLUMNS = ("ensg", "name", *GRADE_COLUMNS, "protein_id", "FOV_id")
 # The typed table every format is turned into (`FOV_id` renamed to the chapter's
 # `fov_id`); `frame_id` is added when blocks are concatenated.
 TABLE_COLUMNS = ("ensg", "name", *GRADE_COLUMNS, "protein_id", "fov_id")
-
-_IMAGE_RE = re.compile(r"^Image_data(\d+)\.npy$")
-_LABEL_RE = re.compile(r"^Label_data(\d+)\.csv$")
 
 
 class DataFormatError(ValueError):
@@ -88,9 +92,9 @@ def discover_blocks(
             "Image_data00.npy / Label_data00.csv (or <name>_pro.npy … files)"
         )
     names = sorted(p.name for p in path.iterdir())
-    if any(_IMAGE_RE.match(n) or _LABEL_RE.match(n) for n in names):
+    if any(IMAGE_BLOCK_RE.match(n) or LABEL_BLOCK_RE.match(n) for n in names):
         return _release_blocks(path, names, channels)
-    if any(n.endswith((*SAMPLE_SUFFIXES, "_label.npy")) for n in names):
+    if any(n.endswith((*SAMPLE_SUFFIXES, SAMPLE_LABEL_SUFFIX)) for n in names):
         return _sample_blocks(path, names, channels, trust_pickled_labels)
     raise DataFormatError(
         f"no OpenCell data in {path}: expected the full release (Image_data00.npy "
@@ -117,17 +121,17 @@ def fingerprint(blocks: Sequence[Block]) -> list[dict]:
 def _release_blocks(
     path: Path, names: list[str], channels: Sequence[int]
 ) -> list[Block]:
-    images = {int(m[1]): m[0] for n in names if (m := _IMAGE_RE.match(n))}
-    labels = {int(m[1]): m[0] for n in names if (m := _LABEL_RE.match(n))}
+    images = {int(m[1]): m[0] for n in names if (m := IMAGE_BLOCK_RE.match(n))}
+    labels = {int(m[1]): m[0] for n in names if (m := LABEL_BLOCK_RE.match(n))}
     for number in sorted(set(images) - set(labels)):
         raise DataFormatError(
             f"{path / images[number]} has no label file: expected "
-            f"{path / f'Label_data{number:02d}.csv'} beside it"
+            f"{path / label_block_name(number)} beside it"
         )
     for number in sorted(set(labels) - set(images)):
         raise DataFormatError(
             f"{path / labels[number]} has no image file: expected "
-            f"{path / f'Image_data{number:02d}.npy'} beside it"
+            f"{path / image_block_name(number)} beside it"
         )
     numbers = sorted(images)
     for expected, number in enumerate(numbers):
@@ -224,19 +228,20 @@ def _sample_blocks(
         {
             n[: -len(s)]
             for n in names
-            for s in (*SAMPLE_SUFFIXES, "_label.npy")
+            for s in (*SAMPLE_SUFFIXES, SAMPLE_LABEL_SUFFIX)
             if n.endswith(s)
         }
     )
     blocks, frame_shape = [], None
     for protein_id, stem in enumerate(stems):
         files = [path / f"{stem}{suffix}" for suffix in SAMPLE_SUFFIXES]
-        label_file = path / f"{stem}_label.npy"
+        label_file = path / f"{stem}{SAMPLE_LABEL_SUFFIX}"
         for file in [*files, label_file]:
             if not file.exists():
+                needed = ", ".join(f.name for f in files)
                 raise DataFormatError(
-                    f"{file} is missing: the sample format needs {stem}_pro.npy, "
-                    f"{stem}_nuc.npy, {stem}_nucdist.npy and {stem}_label.npy"
+                    f"{file} is missing: the sample format needs {needed} and "
+                    f"{label_file.name}"
                 )
         _check_channels(channels, len(SAMPLE_CHANNELS), SAMPLE_CHANNELS, files[0])
         arrays = [_open_npy(f) for f in files]

@@ -33,7 +33,7 @@ The modules, by job:
   writers   `write_release` and `write_sample_format`
 """
 
-from dlfb_localization.dataset.sources import LABEL_COLUMNS
+from dlfb_localization.dataset.formats import LABEL_COLUMNS
 from dlfb_localization.dataset.synthetic.render import generate_protein
 from dlfb_localization.dataset.synthetic.spec import (
     PATTERNS,

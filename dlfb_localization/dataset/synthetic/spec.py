@@ -15,8 +15,8 @@ import functools
 import numpy as np
 import pandas as pd
 
+from dlfb_localization.dataset.formats import LABEL_COLUMNS
 from dlfb_localization.dataset.localizations import LOCALIZATIONS_OF_INTEREST
-from dlfb_localization.dataset.sources import LABEL_COLUMNS
 
 # The nine localizations the chapter colours come first; the extras follow.
 _EXTRA_PATTERNS = (

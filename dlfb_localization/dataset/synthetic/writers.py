@@ -3,19 +3,26 @@
 `write_release` streams FOV by FOV into `Image_dataNN.npy` / `Label_dataNN.csv`
 blocks; `write_sample_format` writes `<name>_pro/_nuc/_nucdist/_label.npy` protein
 by protein. Every file is written under a temporary name and renamed when
-complete.
+complete. The file names come from `dataset.formats`, shared with the reader.
 """
 
 import mmap
 import os
 import pathlib
-import re
 import sys
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from dlfb_localization.dataset.formats import (
+    IMAGE_BLOCK_RE,
+    LABEL_BLOCK_RE,
+    SAMPLE_LABEL_SUFFIX,
+    SAMPLE_SUFFIXES,
+    image_block_name,
+    label_block_name,
+)
 from dlfb_localization.dataset.synthetic.render import _render_fov, generate_protein
 from dlfb_localization.dataset.synthetic.spec import (
     SyntheticSpec,
@@ -29,8 +36,6 @@ _DEFAULT_SPEC = SyntheticSpec()
 # File-backed pages of the output memmap count towards the process' resident memory;
 # handing them back every this many bytes keeps a 32 GB release in a few hundred MB.
 _RELEASE_EVERY_BYTES = 64 * 2**20
-_IMAGE_RE = re.compile(r"^Image_data(\d+)\.npy$")
-_LABEL_RE = re.compile(r"^Label_data(\d+)\.csv$")
 
 
 def write_release(
@@ -82,8 +87,8 @@ def write_release(
     with tqdm(total=total, disable=not progress, unit="frame") as bar:
         for block in range(spec.n_blocks):
             start, stop = bounds[block], bounds[block + 1]
-            image_path = out / f"Image_data{block:02d}.npy"
-            label_path = out / f"Label_data{block:02d}.csv"
+            image_path = out / image_block_name(block)
+            label_path = out / label_block_name(block)
             tmp = image_path.with_name(image_path.name + ".tmp")
             try:
                 array = np.lib.format.open_memmap(
@@ -139,12 +144,14 @@ def write_sample_format(
         main = protein.grades[0].split(";")[0]
         label = np.empty((len(frames), 3), dtype=object)
         label[:, 0], label[:, 1], label[:, 2] = protein.ensg, protein.name, main
-        for suffix, array in (
-            ("_pro.npy", _as_uint16(frames[..., 0])),
-            ("_nuc.npy", _as_uint16(frames[..., 1])),
-            ("_nucdist.npy", np.ascontiguousarray(frames[..., 2])),
-            ("_label.npy", label),
-        ):
+        arrays = (
+            _as_uint16(frames[..., 0]),  # protein
+            _as_uint16(frames[..., 1]),  # nucleus
+            np.ascontiguousarray(frames[..., 2]),  # nuclear distance
+            label,
+        )
+        suffixes = (*SAMPLE_SUFFIXES, SAMPLE_LABEL_SUFFIX)
+        for suffix, array in zip(suffixes, arrays, strict=True):
             path = out / f"{protein.name}{suffix}"
             tmp = path.with_name(path.name + ".tmp")
             try:
@@ -198,6 +205,6 @@ def _release_pages(array: np.memmap, filled: int, released: int) -> int:
 
 def _remove_stale_blocks(out: pathlib.Path, n_blocks: int) -> None:
     for path in out.iterdir():
-        match = _IMAGE_RE.match(path.name) or _LABEL_RE.match(path.name)
+        match = IMAGE_BLOCK_RE.match(path.name) or LABEL_BLOCK_RE.match(path.name)
         if match and int(match[1]) >= n_blocks:
             path.unlink()
