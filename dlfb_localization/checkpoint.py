@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +28,7 @@ from flax.training.train_state import TrainState
 
 from dlfb_localization import __version__
 from dlfb_localization.metrics import History
+from dlfb_localization.model.interface import model_of
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +139,10 @@ def _same_fingerprint(stored: Mapping, current: Mapping) -> bool:
 
 
 def _describe_model(state: TrainState) -> dict[str, Any]:
-    """The model's class and hyperparameters, from `state.apply_fn`."""
-    module = getattr(state.apply_fn, "__self__", None)
-    if not isinstance(module, nn.Module):
+    """The model's class and hyperparameters (`interface.model_of`)."""
+    try:
+        module = model_of(state)
+    except TypeError:
         function = state.apply_fn
         return {"apply_fn": f"{function.__module__}.{function.__qualname__}"}
     cls = type(module)

@@ -20,8 +20,10 @@ full model's `_local` and `_global` levels are checked separately):
 """
 
 import dataclasses
+import re
 
 from dlfb_localization.metrics import History
+from dlfb_localization.model.interface import level_suffix
 
 __all__ = [
     "CHECKS",
@@ -81,16 +83,18 @@ def _means(history: History, name: str) -> list[float]:
 
 
 def _levels(history: History) -> list[str]:
-    names = history.get("train", {})
-    return [
-        level
-        for level in ("", "local", "global")
-        if f"codebook_loss{'_' + level if level else ''}" in names
-    ]
+    """The codebook levels with a recorded codebook loss ("" for the total,
+    or a one-level model's; a level's suffix otherwise), in recorded order."""
+    levels = []
+    for name in history.get("train", {}):
+        match = re.fullmatch(r"codebook_loss(?:_(\w+))?", name)
+        if match:
+            levels.append(match.group(1) or "")
+    return levels
 
 
 def _check_level(history: History, level: str) -> list[HealthIssue]:
-    suffix = f"_{level}" if level else ""
+    suffix = level_suffix(level)
     where = f" ({level} codebook)" if level else ""
     issues = []
     losses = _means(history, f"codebook_loss{suffix}")

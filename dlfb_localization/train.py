@@ -10,7 +10,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax.training.train_state import TrainState
 from tqdm.auto import tqdm
 
@@ -24,10 +23,7 @@ from dlfb_localization.health import (
 )
 from dlfb_localization.invariance.transforms import AUGMENT_MODES, random_orientation
 from dlfb_localization.metrics import History, MetricsLogger
-from dlfb_localization.model.codebook import update_codebook
-from dlfb_localization.model.cytoself import CytoselfOutputs
-from dlfb_localization.model.quantizer import compute_code_usage
-from dlfb_localization.model.vqvae import CodebookTrainState, ModelOutputs
+from dlfb_localization.model.interface import FamilyOutputs, model_of, usage_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -50,35 +46,17 @@ class NonFiniteLossError(FloatingPointError):
     """A logged loss was NaN or infinite; training stopped before checkpointing."""
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits=logits, labels=labels
-    ).mean()
-
-
 def compute_losses(
-    outputs: ModelOutputs | CytoselfOutputs,
-    batch: Batch,
-    classification_weight: float | jax.Array,
+    outputs: FamilyOutputs, batch: Batch, classification_weight: float | jax.Array
 ) -> dict[str, jax.Array]:
-    """The training objective and its components, shared by training and eval.
+    """The training objective and its components, shared by training and eval:
+    `outputs.losses(batch["labels"], classification_weight)`.
 
-    For the chapter's model (`ModelOutputs`): `total_loss = recon_loss +
+    For the chapter's model (`ModelOutputs.losses`): `total_loss = recon_loss +
     codebook_loss + commitment_loss + classification_weight *
-    classification_loss`. The first three are the VQ-VAE objective of van den
-    Oord et al. 2017 (eq. 3; `commitment_loss` already carries beta =
-    `commitment_cost`); the last is cytoself's auxiliary protein-id task. With
-    `classification_weight=0` the head gets exactly zero gradient (the
-    ablation); its loss is still reported.
-
-    For the full model (`CytoselfOutputs`), cytoself's objective: `recon_loss`
-    (the image's squared error divided by the model's `data_variance`) +
-    `global_recon_loss` (the global decoder's squared error against the local
-    encoder's output, which gets no gradient from it) + both quantizers'
-    codebook and commitment terms + `classification_weight` times the sum of
-    both heads' cross-entropies. The components are reported per level with
-    `_local` and `_global` suffixes; `codebook_loss`, `commitment_loss` and
-    `classification_loss` are the sums over levels.
+    classification_loss`. For the full model (`CytoselfOutputs.losses`),
+    cytoself's objective, with each level's terms suffixed `_local` and
+    `_global`.
 
     Args:
       outputs: the model's `compute_outputs` for `batch["images"]`.
@@ -86,83 +64,16 @@ def compute_losses(
       classification_weight: scalar weight of the classification loss.
 
     Returns:
-      Scalars `total_loss`, `recon_loss` (mean squared error over all pixels,
-      against `outputs.targets`: standardized images if the model standardizes),
-      `codebook_loss`, `commitment_loss` and `classification_loss` (mean
-      cross-entropy, unweighted), and the full model's per-level terms.
+      Scalars `total_loss`, `recon_loss`, `codebook_loss`, `commitment_loss`
+      and `classification_loss` (mean cross-entropy, unweighted), and the
+      family's own terms.
     """
-    recon_loss = jnp.mean(jnp.square(outputs.decoded - outputs.targets))
-    if isinstance(outputs, CytoselfOutputs):
-        return _compute_cytoself_losses(
-            outputs, batch, classification_weight, recon_loss
-        )
-    classification_loss = _cross_entropy(outputs.logits, batch["labels"])
-    total_loss = (
-        recon_loss
-        + outputs.vq.codebook_loss
-        + outputs.vq.commitment_loss
-        + classification_weight * classification_loss
-    )
-    return {
-        "total_loss": total_loss,
-        "recon_loss": recon_loss,
-        "codebook_loss": outputs.vq.codebook_loss,
-        "commitment_loss": outputs.vq.commitment_loss,
-        "classification_loss": classification_loss,
-    }
+    return outputs.losses(batch["labels"], classification_weight)
 
 
-def _compute_cytoself_losses(
-    outputs: CytoselfOutputs,
-    batch: Batch,
-    classification_weight: float | jax.Array,
-    squared_error: jax.Array,
-) -> dict[str, jax.Array]:
-    losses = {
-        "recon_loss": squared_error / outputs.data_variance,
-        "global_recon_loss": jnp.mean(
-            jnp.square(
-                outputs.local_from_global - jax.lax.stop_gradient(outputs.local_latents)
-            )
-        ),
-    }
-    levels = {"local": outputs.vq_local, "global": outputs.vq_global}
-    logits = {"local": outputs.logits_local, "global": outputs.logits_global}
-    for level, vq in levels.items():
-        losses[f"codebook_loss_{level}"] = vq.codebook_loss
-        losses[f"commitment_loss_{level}"] = vq.commitment_loss
-        losses[f"classification_loss_{level}"] = _cross_entropy(
-            logits[level], batch["labels"]
-        )
-    for name in ("codebook_loss", "commitment_loss", "classification_loss"):
-        losses[name] = losses[f"{name}_local"] + losses[f"{name}_global"]
-    losses["total_loss"] = (
-        losses["recon_loss"]
-        + losses["global_recon_loss"]
-        + losses["codebook_loss"]
-        + losses["commitment_loss"]
-        + classification_weight * losses["classification_loss"]
-    )
-    return losses
-
-
-def _usage_metrics(vq_by_level: Mapping[str, jax.Array], sizes) -> dict:
-    """Code-use metrics of each level's indices (`""` names the chapter's one
-    level, whose metrics have no suffix)."""
-    metrics = {}
-    for level, indices in vq_by_level.items():
-        suffix = f"_{level}" if level else ""
-        usage = compute_code_usage(indices, sizes[level])
-        metrics[f"perplexity{suffix}"] = usage.perplexity
-        metrics[f"codebook_used_fraction{suffix}"] = usage.used_fraction
-        metrics[f"codebook_max_share{suffix}"] = usage.max_share
-    return metrics
-
-
-def compute_metrics(
-    outputs: ModelOutputs | CytoselfOutputs, batch: Batch
-) -> dict[str, jax.Array]:
-    """Accuracy and codebook health of a batch (no gradient is taken of these).
+def compute_metrics(outputs: FamilyOutputs, batch: Batch) -> dict[str, jax.Array]:
+    """Accuracy and codebook health of a batch (no gradient is taken of these):
+    `outputs.metrics(batch["labels"])`.
 
     Returns:
       Scalars `accuracy`, `perplexity`, `codebook_used_fraction` (share of codes
@@ -173,36 +84,7 @@ def compute_metrics(
       the full model the same with `_local` and `_global` suffixes, `accuracy`
       being the global head's.
     """
-    labels = batch["labels"]
-    if not isinstance(outputs, CytoselfOutputs):
-        return {
-            "accuracy": jnp.mean(jnp.argmax(outputs.logits, -1) == labels),
-            "perplexity": outputs.vq.perplexity,
-            "codebook_used_fraction": outputs.vq.used_fraction,
-            "codebook_max_share": outputs.vq.max_share,
-            "latent_norm": outputs.vq.latent_norm,
-            "codebook_norm": outputs.vq.codebook_norm,
-        }
-    metrics = {}
-    for level, vq, logits in (
-        ("local", outputs.vq_local, outputs.logits_local),
-        ("global", outputs.vq_global, outputs.logits_global),
-    ):
-        metrics[f"accuracy_{level}"] = jnp.mean(jnp.argmax(logits, -1) == labels)
-        metrics[f"perplexity_{level}"] = vq.perplexity
-        metrics[f"codebook_used_fraction_{level}"] = vq.used_fraction
-        metrics[f"codebook_max_share_{level}"] = vq.max_share
-        metrics[f"latent_norm_{level}"] = vq.latent_norm
-        metrics[f"codebook_norm_{level}"] = vq.codebook_norm
-    metrics["accuracy"] = metrics["accuracy_global"]
-    return metrics
-
-
-_LEVEL_OF_CODEBOOK = {
-    "vector_quantizer": "",
-    "vq_local": "local",
-    "vq_global": "global",
-}
+    return outputs.metrics(batch["labels"])
 
 
 def _compute_objective(
@@ -231,26 +113,6 @@ def _compute_objective(
         name: (vq.indices, vq.latents) for name, vq in outputs.quantizers().items()
     }
     return losses["total_loss"], (metrics, codes)
-
-
-def _update_codebooks(
-    state: CodebookTrainState, codes: dict[str, Any], rng: jax.Array
-) -> CodebookTrainState:
-    """EMA updates and dead-code restarts after the optimizer's update."""
-    options = state.apply_fn.__self__.codebook
-    params, codebook_state = dict(state.params), {}
-    for i, name in enumerate(sorted(state.codebook_state)):
-        indices, latents = codes[name]
-        codebook, codebook_state[name] = update_codebook(
-            params[name]["codebook"],
-            state.codebook_state[name],
-            latents,
-            indices,
-            options,
-            jax.random.fold_in(rng, _CODEBOOK_STREAM + i),
-        )
-        params[name] = {**params[name], "codebook": codebook}
-    return state.replace(params=params, codebook_state=codebook_state)
 
 
 # Frames per device in one forward/backward pass of a CPU train step. At the
@@ -291,8 +153,6 @@ def _split_microbatches(batch: Batch, microbatches: int) -> list[Batch]:
 # Folded into the step's key for the augmentation, a stream apart from dropout's
 # (whose keys stay what they were without augmentation).
 _AUGMENT_STREAM = 1_000_003
-# The same for dead-code restarts (one stream per codebook from here on).
-_CODEBOOK_STREAM = 2_000_003
 
 
 @functools.partial(
@@ -355,8 +215,11 @@ def train_step(
             grad_fn, state, batch, classification_weight, rng, microbatches
         )
     state = state.apply_gradients(grads=grads)
-    if isinstance(state, CodebookTrainState):
-        state = _update_codebooks(state, codes, rng)
+    if getattr(state, "collections", None) is not None:
+        params, collections = model_of(state).update_collections(
+            state.params, state.collections, codes, rng
+        )
+        state = state.replace(params=params, collections=collections)
     return state, metrics
 
 
@@ -386,12 +249,10 @@ def _accumulate_passes(grad_fn, state, batch, classification_weight, rng, passes
     metrics = jax.tree.map(lambda *values: jnp.mean(jnp.stack(values)), *metrics)
     # Code use over the whole batch, not the mean of the passes' values.
     codes = jax.tree.map(lambda *parts: jnp.concatenate(parts), *codes)
-    indices = {_LEVEL_OF_CODEBOOK[name]: codes[name][0] for name in codes}
-    sizes = {
-        _LEVEL_OF_CODEBOOK[name]: state.params[name]["codebook"].shape[1]
-        for name in codes
-    }
-    metrics.update(_usage_metrics(indices, sizes))
+    levels = model_of(state).codebook_levels
+    indices = {levels[name]: codes[name][0] for name in codes}
+    sizes = {levels[name]: state.params[name]["codebook"].shape[1] for name in codes}
+    metrics.update(usage_metrics(indices, sizes))
     return grads, metrics, codes
 
 
@@ -489,7 +350,7 @@ def _check_finite(
 def _check_classes(state: TrainState, dataset_splits: dict[str, Dataset]) -> None:
     # An out-of-range label makes the cross-entropy NaN, which would surface
     # only as a non-finite loss at the end of the first epoch.
-    num_classes = state.apply_fn.__self__.num_classes
+    num_classes = model_of(state).num_classes
     for name in ("train", "valid"):
         codes = dataset_splits[name].labels.codes
         if codes.size and int(codes.max()) >= num_classes:

@@ -16,6 +16,7 @@ from dlfb_localization.model.codebook import (
     update_codebook,
 )
 from dlfb_localization.model.cytoself import CytoselfModel
+from dlfb_localization.model.interface import ModelState
 from dlfb_localization.model.quantizer import (
     VectorQuantizer,
     compute_code_usage,
@@ -23,7 +24,6 @@ from dlfb_localization.model.quantizer import (
     find_nearest_codes,
     lookup_codes,
 )
-from dlfb_localization.model.vqvae import CodebookTrainState
 from dlfb_localization.runs import RunConfig, load_run, train_run
 from dlfb_localization.train import compute_losses
 
@@ -272,11 +272,11 @@ def test_full_model_run_with_every_codebook_switch(tiny_release, tmp_path, monke
     )
     run = train_run(config, tmp_path / "run", progress=False)
     state = run.state
-    assert isinstance(state, CodebookTrainState)
+    assert isinstance(state, ModelState)
     assert int(state.step) > 0
     # The EMA codebook is the moving averages' quotient (no gradient moved it).
     for name in ("vq_local", "vq_global"):
-        moving = state.codebook_state[name]
+        moving = state.collections["codebook_stats"][name]
         assert float(jnp.max(jnp.abs(moving["count"] - 1))) > 0
         total = jnp.sum(moving["count"])
         sizes = (moving["count"] + 1e-5) / (total + K * 1e-5) * total
@@ -290,8 +290,8 @@ def test_full_model_run_with_every_codebook_switch(tiny_release, tmp_path, monke
     restored = load_run(tmp_path / "run")
     for name in ("vq_local", "vq_global"):
         np.testing.assert_array_equal(
-            restored.state.codebook_state[name]["usage"],
-            state.codebook_state[name]["usage"],
+            restored.state.collections["codebook_stats"][name]["usage"],
+            state.collections["codebook_stats"][name]["usage"],
         )
 
     split = DatasetBuilder(path, channels=(0, 1)).build(

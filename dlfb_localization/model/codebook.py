@@ -16,8 +16,9 @@ chosen ("dead" codes, a low perplexity) are offered here, all off by default:
   so every code starts where data is.
 
 The first two need state carried between steps (moving averages); it lives in
-`CodebookState`s kept beside the parameters (see `model.vqvae.new_train_state`)
-and is updated after each optimizer step by `update_codebook`. The codebook
+the train state's `collections["codebook_stats"]`, beside the parameters (see
+`model.interface.ModelState`), and is updated after each optimizer step by
+`update_codebook` (through the model's `update_collections`). The codebook
 itself stays a parameter, so inference reads it as always.
 """
 

@@ -31,12 +31,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax.training.train_state import TrainState
 
 from dlfb_localization.model.codebook import CodebookOptions
 from dlfb_localization.model.decoder import Decoder
 from dlfb_localization.model.encoder import Encoder, ResnetBlock
 from dlfb_localization.model.head import ClassificationHead
+from dlfb_localization.model.interface import ModelState, cross_entropy, vq_metrics
 from dlfb_localization.model.quantizer import VectorQuantizer, VQOutput
 from dlfb_localization.model.vqvae import (
     check_common_fields,
@@ -44,13 +44,14 @@ from dlfb_localization.model.vqvae import (
     prepare_images,
     restore_images,
     summarise_level,
+    update_codebook_collections,
 )
 
 __all__ = ["LEVELS", "CytoselfModel", "CytoselfOutputs"]
 
-# The two levels, finest first; their quantizers' parameter names.
-LEVELS = ("local", "global")
-_QUANTIZERS = {"local": "vq_local", "global": "vq_global"}
+# The two levels, finest first, by their quantizers' parameter names.
+_CODEBOOK_LEVELS = {"vq_local": "local", "vq_global": "global"}
+LEVELS = tuple(_CODEBOOK_LEVELS.values())
 # The global grid for 100x100 crops (25 -> 13 -> 7 -> 4 with stride-2 convs).
 _GLOBAL_DOWNSAMPLINGS = 3
 
@@ -85,6 +86,58 @@ class CytoselfOutputs(NamedTuple):
     def quantizers(self) -> dict[str, VQOutput]:
         """The quantizers' outputs by the name of their parameters."""
         return {"vq_local": self.vq_local, "vq_global": self.vq_global}
+
+    def _levels(self) -> dict[str, tuple[VQOutput, jax.Array]]:
+        return {
+            "local": (self.vq_local, self.logits_local),
+            "global": (self.vq_global, self.logits_global),
+        }
+
+    def losses(
+        self, labels: jax.Array, classification_weight: float | jax.Array
+    ) -> dict[str, jax.Array]:
+        """Cytoself's objective: `recon_loss` (the image's squared error divided
+        by `data_variance`) + `global_recon_loss` (the global decoder's squared
+        error against the local encoder's output, which gets no gradient from
+        it) + both quantizers' codebook and commitment terms +
+        `classification_weight` times the sum of both heads' cross-entropies.
+        The components are reported per level with `_local` and `_global`
+        suffixes; `codebook_loss`, `commitment_loss` and `classification_loss`
+        are the sums over levels."""
+        squared_error = jnp.mean(jnp.square(self.decoded - self.targets))
+        losses = {
+            "recon_loss": squared_error / self.data_variance,
+            "global_recon_loss": jnp.mean(
+                jnp.square(
+                    self.local_from_global - jax.lax.stop_gradient(self.local_latents)
+                )
+            ),
+        }
+        for level, (vq, logits) in self._levels().items():
+            losses[f"codebook_loss_{level}"] = vq.codebook_loss
+            losses[f"commitment_loss_{level}"] = vq.commitment_loss
+            losses[f"classification_loss_{level}"] = cross_entropy(logits, labels)
+        for name in ("codebook_loss", "commitment_loss", "classification_loss"):
+            losses[name] = losses[f"{name}_local"] + losses[f"{name}_global"]
+        losses["total_loss"] = (
+            losses["recon_loss"]
+            + losses["global_recon_loss"]
+            + losses["codebook_loss"]
+            + losses["commitment_loss"]
+            + classification_weight * losses["classification_loss"]
+        )
+        return losses
+
+    def metrics(self, labels: jax.Array) -> dict[str, jax.Array]:
+        """Each level's head accuracy, code use and norms, with the level's
+        suffix; `accuracy` is the global head's."""
+        metrics = {}
+        for level, (vq, logits) in self._levels().items():
+            accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+            metrics[f"accuracy_{level}"] = accuracy
+            metrics.update(vq_metrics(vq, level))
+        metrics["accuracy"] = metrics["accuracy_global"]
+        return metrics
 
 
 class GlobalEncoder(nn.Module):
@@ -164,7 +217,7 @@ class CytoselfModel(nn.Module):
     dtype: Any = jnp.float32
     codebook: CodebookOptions = CodebookOptions()
 
-    codebook_names: ClassVar[tuple[str, ...]] = tuple(_QUANTIZERS.values())
+    codebook_levels: ClassVar[dict[str, str]] = _CODEBOOK_LEVELS
 
     def __post_init__(self) -> None:
         check_common_fields(self)
@@ -300,7 +353,7 @@ class CytoselfModel(nn.Module):
     def codebook_latents(self, x: jax.Array) -> dict[str, jax.Array]:
         """Encoder outputs as each codebook sees them, by its parameters' name."""
         levels = self.quantize_levels(x)
-        return {_QUANTIZERS[level]: levels[level].latents for level in LEVELS}
+        return {name: levels[level].latents for name, level in _CODEBOOK_LEVELS.items()}
 
     @nn.nowrap
     def create_train_state(
@@ -309,6 +362,11 @@ class CytoselfModel(nn.Module):
         dummy_input: jax.Array,
         tx: optax.GradientTransformation,
         init_images: jax.Array | None = None,
-    ) -> TrainState:
+    ) -> ModelState:
         """As `LocalizationModel.create_train_state`."""
         return create_model_state(self, rng, dummy_input, tx, init_images)
+
+    @nn.nowrap
+    def update_collections(self, params, collections, codes, rng):
+        """As `LocalizationModel.update_collections`, for both codebooks."""
+        return update_codebook_collections(self, params, collections, codes, rng)

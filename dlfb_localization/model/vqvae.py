@@ -8,17 +8,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training.train_state import TrainState
 
 from dlfb_localization.model.codebook import (
     CodebookOptions,
     init_codebook_state,
     kmeans_codebook,
+    update_codebook,
 )
 from dlfb_localization.model.decoder import Decoder
 from dlfb_localization.model.encoder import Encoder
 from dlfb_localization.model.group_conv import InvariantEncoder
 from dlfb_localization.model.head import ClassificationHead
+from dlfb_localization.model.interface import (
+    ModelState,
+    cross_entropy,
+    vq_metrics,
+)
 from dlfb_localization.model.quantizer import VectorQuantizer, VQOutput, count_codes
 
 
@@ -41,6 +46,41 @@ class ModelOutputs(NamedTuple):
     def quantizers(self) -> dict[str, VQOutput]:
         """The quantizer's outputs by the name of its parameters."""
         return {"vector_quantizer": self.vq}
+
+    def losses(
+        self, labels: jax.Array, classification_weight: float | jax.Array
+    ) -> dict[str, jax.Array]:
+        """The chapter's objective: `total_loss = recon_loss + codebook_loss +
+        commitment_loss + classification_weight * classification_loss`.
+
+        The first three are the VQ-VAE objective of van den Oord et al. 2017
+        (eq. 3; `commitment_loss` already carries beta); the last is cytoself's
+        auxiliary protein-id task (mean cross-entropy, unweighted). With
+        `classification_weight=0` the head gets exactly zero gradient (the
+        ablation); its loss is still reported. `recon_loss` is the mean squared
+        error over all pixels against `targets`.
+        """
+        recon_loss = jnp.mean(jnp.square(self.decoded - self.targets))
+        classification_loss = cross_entropy(self.logits, labels)
+        total_loss = (
+            recon_loss
+            + self.vq.codebook_loss
+            + self.vq.commitment_loss
+            + classification_weight * classification_loss
+        )
+        return {
+            "total_loss": total_loss,
+            "recon_loss": recon_loss,
+            "codebook_loss": self.vq.codebook_loss,
+            "commitment_loss": self.vq.commitment_loss,
+            "classification_loss": classification_loss,
+        }
+
+    def metrics(self, labels: jax.Array) -> dict[str, jax.Array]:
+        """`accuracy` of the head and the quantizer's code use and norms
+        (`interface.vq_metrics`)."""
+        accuracy = jnp.mean(jnp.argmax(self.logits, -1) == labels)
+        return {"accuracy": accuracy, **vq_metrics(self.vq, "")}
 
 
 def _image_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -162,8 +202,9 @@ class LocalizationModel(nn.Module):
     codebook: CodebookOptions = CodebookOptions()
     encoder_type: str = "residual"
 
-    # The parameter collections holding a codebook.
-    codebook_names: ClassVar[tuple[str, ...]] = ("vector_quantizer",)
+    # Each codebook's parameters' name and level ("": the one level, whose
+    # metrics and embeddings carry no suffix).
+    codebook_levels: ClassVar[dict[str, str]] = {"vector_quantizer": ""}
 
     def __post_init__(self) -> None:
         check_common_fields(self)
@@ -298,7 +339,7 @@ class LocalizationModel(nn.Module):
         dummy_input: jax.Array,
         tx: optax.GradientTransformation,
         init_images: jax.Array | None = None,
-    ) -> TrainState:
+    ) -> ModelState:
         """Initializes parameters and the optimizer state.
 
         Args:
@@ -312,10 +353,17 @@ class LocalizationModel(nn.Module):
             `codebook.kmeans_init`.
 
         Returns:
-          A `TrainState` with `apply_fn=self.apply`, step 0; a
-          `CodebookTrainState` when the codebook keeps moving averages.
+          A `ModelState` (a `TrainState`) with `apply_fn=self.apply`, step 0;
+          its `collections` hold the codebook's moving averages when it keeps
+          any.
         """
         return create_model_state(self, rng, dummy_input, tx, init_images)
+
+    @nn.nowrap
+    def update_collections(self, params, collections, codes, rng):
+        """EMA updates and dead-code restarts after an optimizer step
+        (`update_codebook_collections`)."""
+        return update_codebook_collections(self, params, collections, codes, rng)
 
 
 def summarise_level(vq: VQOutput, num_embeddings: int) -> dict[str, jax.Array]:
@@ -329,15 +377,47 @@ def summarise_level(vq: VQOutput, num_embeddings: int) -> dict[str, jax.Array]:
     }
 
 
-class CodebookTrainState(TrainState):
-    """A `TrainState` that also carries each codebook's moving averages.
+# Keys of dead-code restarts: `fold_in(step key, _CODEBOOK_STREAM + i)` for
+# the i-th codebook in sorted order, a stream apart from dropout's and the
+# augmentation's.
+_CODEBOOK_STREAM = 2_000_003
+# The collection holding each codebook's moving averages.
+CODEBOOK_STATS = "codebook_stats"
 
-    Attributes:
-      codebook_state: `{parameter name: model.codebook.init_codebook_state
-        dict}`, updated after every optimizer step by `train_step`.
+
+def update_codebook_collections(
+    model: nn.Module, params, collections, codes: dict[str, Any], rng: jax.Array
+):
+    """EMA updates and dead-code restarts of every codebook of `model` after
+    the optimizer's update (`update_collections` of the VQ families).
+
+    Args:
+      model: a module with `codebook` options and `codebook_levels`.
+      params: the parameters after the optimizer's update.
+      collections: `{"codebook_stats": {parameter name: averages}}`, or None
+        when the codebooks keep no averages (then nothing changes).
+      codes: `{parameter name: (indices, latents)}` of the step's batch.
+      rng: the step's key.
+
+    Returns:
+      `(params, collections)` after the updates.
     """
-
-    codebook_state: Any = None
+    if collections is None:
+        return params, collections
+    params, stats = dict(params), {}
+    moving = collections[CODEBOOK_STATS]
+    for i, name in enumerate(sorted(moving)):
+        indices, latents = codes[name]
+        codebook, stats[name] = update_codebook(
+            params[name]["codebook"],
+            moving[name],
+            latents,
+            indices,
+            model.codebook,
+            jax.random.fold_in(rng, _CODEBOOK_STREAM + i),
+        )
+        params[name] = {**params[name], "codebook": codebook}
+    return params, {**collections, CODEBOOK_STATS: stats}
 
 
 def create_model_state(
@@ -346,7 +426,7 @@ def create_model_state(
     dummy_input: jax.Array,
     tx: optax.GradientTransformation,
     init_images: jax.Array | None = None,
-) -> TrainState:
+) -> ModelState:
     """`create_train_state` of `LocalizationModel` and `CytoselfModel`."""
     _, rng_init, _ = jax.random.split(rng, 3)
     params = _init_params(model, rng_init, dummy_input)
@@ -364,30 +444,30 @@ def create_model_state(
                 np.asarray(values), params[name]["codebook"].shape[1], seed=seed
             )
             params[name] = {**params[name], "codebook": jnp.asarray(codebook)}
-    codebook_state = None
+    collections = None
     if model.codebook.stateful:
-        codebook_state = {
-            name: init_codebook_state(params[name]["codebook"])
-            for name in model.codebook_names
+        collections = {
+            CODEBOOK_STATS: {
+                name: init_codebook_state(params[name]["codebook"])
+                for name in model.codebook_levels
+            }
         }
-    return new_train_state(model.apply, params, tx, codebook_state)
+    return new_train_state(model, params, tx, collections)
 
 
 def new_train_state(
-    apply_fn, params, tx: optax.GradientTransformation, codebook_state=None
-) -> TrainState:
+    model: nn.Module, params, tx: optax.GradientTransformation, collections=None
+) -> ModelState:
     """What `TrainState.create` does, with the optimizer's init compiled once
     rather than op by op (a new optimizer object must not recompile the model),
     and with the step an int32 array rather than a Python int, as a restored
-    checkpoint has it: the steps then compile once for both. With
-    `codebook_state`, a `CodebookTrainState`."""
-    fields = {
-        "step": jnp.zeros((), jnp.int32),
-        "apply_fn": apply_fn,
-        "params": params,
-        "tx": tx,
-        "opt_state": jax.jit(tx.init)(params),
-    }
-    if codebook_state is None:
-        return TrainState(**fields)
-    return CodebookTrainState(**fields, codebook_state=codebook_state)
+    checkpoint has it: the steps then compile once for both."""
+    return ModelState(
+        step=jnp.zeros((), jnp.int32),
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        opt_state=jax.jit(tx.init)(params),
+        model=model,
+        collections=collections,
+    )

@@ -120,7 +120,7 @@ def create_unet_state(
     """A fresh `TrainState` of `model` for `image_size` images, optimized by
     `tx` (e.g. `optax.adam(1e-3)`; build it once: a new optax object is a new
     static field and compiles the steps again)."""
-    return new_train_state(model.apply, _init_unet(model, rng, image_size), tx)
+    return new_train_state(model, _init_unet(model, rng, image_size), tx)
 
 
 def create_gan_state(
@@ -136,7 +136,7 @@ def create_gan_state(
     return GANState(
         generator=create_unet_state(generator, rng_generator, image_size, tx),
         discriminator=new_train_state(
-            discriminator.apply,
+            discriminator,
             _init_discriminator(discriminator, rng_discriminator, image_size),
             tx,
         ),

@@ -1,0 +1,150 @@
+"""What every trainable model family provides, so that training, checkpoints,
+embeddings and evaluation never ask which family they hold.
+
+A family is a Flax module with:
+
+- `create_train_state(rng, dummy_input, tx, init_images=None) -> ModelState`;
+- `compute_outputs(x, is_training) -> outputs`, whose outputs name their own
+  objective (`FamilyOutputs`): `outputs.losses(labels, classification_weight)`
+  (with "total_loss", what the gradient is taken of), `outputs.metrics(labels)`
+  (scalars reported, never differentiated) and `outputs.quantizers()` (each
+  codebook's `VQOutput` by its parameters' name);
+- `summarise_frames(x) -> {name: [batch, ...] array}`, its per-frame
+  embeddings (`frame_histograms`, `frame_vectors`, and the same with a level's
+  suffix);
+- `codebook_levels`: `{parameter name: level}` of its codebooks ("" for a
+  model with one level, whose metrics carry no suffix);
+- `update_collections(params, collections, codes, rng)`: the non-gradient
+  updates made after each optimizer step (EMA codebooks, dead-code restarts),
+  returning `(params, collections)`; the identity for a model without any.
+
+Non-gradient state lives in `ModelState.collections`, named like Flax's
+variable collections (`{"codebook_stats": {parameter name: averages}}`), beside
+the parameters, as `batch_stats` do in Flax's ImageNet example.
+
+Adding a family means one module under `model/` implementing these, and an
+entry in `runs.MODELS`.
+"""
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Protocol
+
+import flax.linen as nn
+import jax
+import optax
+from flax import struct
+from flax.training.train_state import TrainState
+
+from dlfb_localization.model.quantizer import VQOutput, compute_code_usage
+
+__all__ = [
+    "FamilyOutputs",
+    "ModelState",
+    "TrainableModel",
+    "cross_entropy",
+    "level_suffix",
+    "model_of",
+    "usage_metrics",
+]
+
+
+class ModelState(TrainState):
+    """A `TrainState` that knows its model and carries non-gradient state.
+
+    Attributes:
+      model: the Flax module whose `apply` is `apply_fn` (static).
+      collections: non-gradient variable collections, e.g.
+        `{"codebook_stats": {...}}`, or None for a model without any.
+    """
+
+    model: nn.Module | None = struct.field(pytree_node=False, default=None)
+    collections: Any = None
+
+
+class FamilyOutputs(Protocol):
+    """A forward pass's outputs, which know the family's objective."""
+
+    def losses(
+        self, labels: jax.Array, classification_weight: float | jax.Array
+    ) -> dict[str, jax.Array]: ...
+
+    def metrics(self, labels: jax.Array) -> dict[str, jax.Array]: ...
+
+    def quantizers(self) -> dict[str, VQOutput]: ...
+
+
+class TrainableModel(Protocol):
+    """The module side of a family (see the module's docstring)."""
+
+    num_classes: int
+    codebook_levels: ClassVar[Mapping[str, str]]
+
+    def create_train_state(
+        self,
+        rng: jax.Array,
+        dummy_input: jax.Array,
+        tx: optax.GradientTransformation,
+        init_images: jax.Array | None = None,
+    ) -> ModelState: ...
+
+    def update_collections(
+        self, params: Any, collections: Any, codes: Mapping[str, Any], rng: jax.Array
+    ) -> tuple[Any, Any]: ...
+
+
+def model_of(state: TrainState) -> nn.Module:
+    """The model behind a train state: `ModelState.model`, or the module whose
+    bound `apply` a hand-built `TrainState` carries.
+
+    Raises:
+      TypeError: the state's `apply_fn` is not a Flax module's `apply`.
+    """
+    model = getattr(state, "model", None)
+    if model is None:
+        model = getattr(state.apply_fn, "__self__", None)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            "the train state does not name its model: build it with the model's "
+            "create_train_state(...), or TrainState.create(apply_fn=model.apply, ...)"
+        )
+    return model
+
+
+def level_suffix(level: str) -> str:
+    """The suffix of a codebook level's metric and embedding names: "" for a
+    one-level model, e.g. "_global" for cytoself's global level."""
+    return f"_{level}" if level else ""
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy against integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits=logits, labels=labels
+    ).mean()
+
+
+def usage_metrics(
+    indices_by_level: Mapping[str, jax.Array], sizes: Mapping[str, int]
+) -> dict[str, jax.Array]:
+    """`perplexity`, `codebook_used_fraction` and `codebook_max_share` of each
+    level's code indices, with the level's suffix."""
+    metrics = {}
+    for level, indices in indices_by_level.items():
+        suffix = level_suffix(level)
+        usage = compute_code_usage(indices, sizes[level])
+        metrics[f"perplexity{suffix}"] = usage.perplexity
+        metrics[f"codebook_used_fraction{suffix}"] = usage.used_fraction
+        metrics[f"codebook_max_share{suffix}"] = usage.max_share
+    return metrics
+
+
+def vq_metrics(vq: VQOutput, level: str) -> dict[str, jax.Array]:
+    """One quantizer's reported scalars, with the level's suffix."""
+    suffix = level_suffix(level)
+    return {
+        f"perplexity{suffix}": vq.perplexity,
+        f"codebook_used_fraction{suffix}": vq.used_fraction,
+        f"codebook_max_share{suffix}": vq.max_share,
+        f"latent_norm{suffix}": vq.latent_norm,
+        f"codebook_norm{suffix}": vq.codebook_norm,
+    }
