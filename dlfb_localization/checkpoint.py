@@ -296,7 +296,7 @@ def save_epoch(
     manager.save(
         int(state.step),
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.StandardSave(_state_items(state)),
             meta=ocp.args.JsonSave(_to_json(meta)),
         ),
     )
@@ -319,11 +319,35 @@ def restore_state(
     `target` only provides structure, shapes, dtypes and device placement (its
     values are not read), so a run written on a GPU restores on a CPU.
     """
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-    )
-    return restored["state"]
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_items(target))
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )
+    except ValueError as error:
+        raise ConfigMismatchError(
+            f"{manager.directory} step {step} holds a train state shaped "
+            f"differently from this run's ({str(error).splitlines()[0]}); was it "
+            "written by another version or model? Use another folder."
+        ) from None
+    if not isinstance(target, TrainState):
+        return restored["state"]
+    return target.replace(**restored["state"])
+
+
+def _state_items(state: TrainState) -> dict[str, Any]:
+    """The arrays a checkpoint keeps: step, parameters, optimizer state, and
+    non-gradient collections when the model has any. A dict rather than the
+    state object, so that states of every family (and checkpoints written
+    before `ModelState`) share one layout. Another state (the GAN's pair of
+    train states) is kept as it is."""
+    if not isinstance(state, TrainState):
+        return state
+    items = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    collections = getattr(state, "collections", None)
+    if collections is not None:
+        items["collections"] = collections
+    return items
 
 
 def restore_run(

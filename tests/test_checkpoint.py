@@ -305,3 +305,40 @@ def test_a_run_folder_written_before_the_lookup_setting_reads_as_euclidean():
     assert RunConfig.from_json(written_before).lookup == "euclidean"
     assert RunConfig(data="data").lookup == "cosine"
     assert RunConfig.from_json(RunConfig(data="data").to_json()).lookup == "cosine"
+
+
+def test_a_checkpoint_of_a_plain_train_state_restores_into_a_model_state(tmp_path):
+    # Checkpoints written before `ModelState` hold a plain `TrainState`'s arrays
+    # (step, params, opt_state): they restore, value for value; a state of
+    # another layout is refused with a message naming the folder.
+    model = LocalizationModel(
+        num_classes=3,
+        embedding_dim=8,
+        num_embeddings=16,
+        commitment_cost=0.25,
+        dropout_rate=0.1,
+        classification_head_layers=1,
+    )
+    state = model.create_train_state(
+        jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)), optax.adam(1e-3)
+    )
+    old = train_module.TrainState(
+        step=state.step + 3,
+        apply_fn=state.apply_fn,
+        params=jax.tree.map(lambda x: x + 1, state.params),
+        tx=state.tx,
+        opt_state=state.opt_state,
+    )
+    manager = checkpoint.open_manager(tmp_path / "old")
+    try:
+        checkpoint.save_epoch(manager, old, 0, {"num_epochs": 1}, {})
+        restored = checkpoint.restore_state(manager, 3, state)
+        with pytest.raises(ConfigMismatchError, match="shaped differently"):
+            checkpoint.restore_state(
+                manager, 3, state.replace(collections={"extra": jnp.zeros(2)})
+            )
+    finally:
+        manager.close()
+    assert type(restored) is type(state) and restored.model == model
+    assert int(restored.step) == 3
+    _assert_same_tree(restored.params, old.params)
