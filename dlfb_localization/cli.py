@@ -5,22 +5,13 @@ and `figures` read it back (see `dlfb_localization.runs`).
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from dlfb_localization.settings import add_flags, from_flags, parse_channels
+
 SPLIT_CHOICES = ("train", "valid", "test")
-
-
-def _channels(text: str) -> tuple[int, ...]:
-    try:
-        channels = tuple(int(c) for c in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated channel numbers like 0 or 0,1, got {text!r}"
-        ) from None
-    return channels
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -49,8 +40,7 @@ def _config_from_args(config_class, args: argparse.Namespace):
     named like its fields."""
     if not args.data.is_dir():
         raise FileNotFoundError(f"--data {args.data} is not a folder")
-    names = {f.name for f in dataclasses.fields(config_class)}
-    return config_class(**{k: v for k, v in vars(args).items() if k in names})
+    return from_flags(config_class, args)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -151,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("data_dir", type=Path, help="folder with the data")
     prepare.add_argument(
         "--channels",
-        type=_channels,
+        type=parse_channels,
         default=(0,),
         help="comma-separated channels to keep: 0=protein, 1=nucleus, "
         "2=nuclear distance, 3=nuclear segmentation (default: 0)",
@@ -250,27 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_settings(command: argparse.ArgumentParser, numbers: dict, defaults) -> None:
-    """One flag per `{flag: (field, type, help)}`, defaulting to that field of
-    the config `defaults` (None reads "all")."""
-    for flag, (dest, kind, text) in numbers.items():
-        default = getattr(defaults, dest)
-        command.add_argument(
-            flag,
-            dest=dest,
-            type=kind,
-            default=default,
-            help=f"{text} (default: {'all' if default is None else default})",
-        )
-
-
 def _add_train(commands) -> None:
-    from dlfb_localization.invariance.transforms import AUGMENT_MODES
-    from dlfb_localization.model.codebook import LOOKUPS
-    from dlfb_localization.model.vqvae import ENCODERS
-    from dlfb_localization.runs import MODELS, RunConfig
+    from dlfb_localization.runs import RunConfig
 
-    defaults = RunConfig(data="")
     train = commands.add_parser(
         "train",
         help="train the model on a data folder",
@@ -282,109 +254,13 @@ def _add_train(commands) -> None:
     )
     train.add_argument("--data", type=Path, required=True, help="data folder")
     train.add_argument("--store", type=Path, required=True, help="run folder")
-    train.add_argument(
-        "--channels",
-        type=_channels,
-        default=defaults.channels,
-        help="comma-separated channels (default: 0, the protein)",
-    )
-    train.add_argument(
-        "--cache-dtype", choices=("float32", "float16"), default=defaults.cache_dtype
-    )
-    train.add_argument(
-        "--compute-dtype",
-        choices=("float32", "bfloat16"),
-        default=defaults.compute_dtype,
-        help="bfloat16: mixed precision (float32 parameters) for GPU and TPU "
-        f"(default: {defaults.compute_dtype})",
-    )
-    train.add_argument(
-        "--augment",
-        choices=AUGMENT_MODES,
-        default=defaults.augment,
-        help="give each training image a random orientation: d4 (quarter turns "
-        f"and flips) or rotate (any angle, and flips) (default: {defaults.augment})",
-    )
-    train.add_argument(
-        "--encoder",
-        choices=ENCODERS,
-        default=defaults.encoder,
-        help="residual (the chapter's) or d4 (group convolutions: codes that "
-        "rotate and flip with the image, histograms that do not change) "
-        f"(default: {defaults.encoder})",
-    )
-    train.add_argument(
-        "--model",
-        choices=MODELS,
-        default=defaults.model,
-        help="chapter (one level of codes) or cytoself (the paper's full model: "
-        "local and global codes, split quantization, a head on each level; train "
-        "it on --channels 0,1 with --num-embeddings 2048 --head-layers 3 for the "
-        f"paper's sizes) (default: {defaults.model})",
-    )
-    train.add_argument(
-        "--lookup",
-        choices=LOOKUPS,
-        default=defaults.lookup,
-        help="match encoder outputs with codes as unit vectors (cosine) or as "
-        "raw vectors (euclidean, the chapter's: its codebook loss grows during "
-        f"training) (default: {defaults.lookup})",
-    )
-    train.add_argument(
-        "--ema-decay",
-        type=float,
-        default=defaults.ema_decay,
-        help="learn codebooks as moving averages with this decay, e.g. 0.99 "
-        "(default: by gradient descent, as the chapter)",
-    )
-    train.add_argument(
-        "--restart-dead-codes",
-        action="store_true",
-        help="move codes that fell out of use onto poorly described encoder outputs",
-    )
-    train.add_argument(
-        "--kmeans-init",
-        action="store_true",
-        help="start codebooks at k-means centroids of the untrained encoder's outputs",
-    )
-    numbers = {
-        "--seed": ("seed", int, "seed of splits, weights and batches"),
-        "--n-proteins": ("n_proteins", int, "use this many random proteins"),
-        "--max-frames": ("max_frames", int, "use at most this many frames"),
-        "--embedding-dim": ("embedding_dim", int, "code length D"),
-        "--global-splits": (
-            "global_splits",
-            int,
-            "cytoself: sub-vectors per global code",
-        ),
-        "--num-embeddings": ("num_embeddings", int, "codebook size K"),
-        "--commitment-cost": ("commitment_cost", float, "beta"),
-        "--dropout-rate": ("dropout_rate", float, "dropout in the head"),
-        "--head-layers": ("classification_head_layers", int, "Dense layers in head"),
-        "--learning-rate": ("learning_rate", float, "Adam's learning rate"),
-        "--epochs": ("num_epochs", int, "passes over the training split"),
-        "--batch-size": ("batch_size", int, "frames per step"),
-        "--classification-weight": (
-            "classification_weight",
-            float,
-            "weight of the protein-id loss; 0 trains without the head",
-        ),
-        "--eval-every": ("eval_every", int, "validate every this many epochs"),
-    }
-    _add_settings(train, numbers, defaults)
-    train.add_argument(
-        "--no-standardize",
-        dest="standardize_inputs",
-        action="store_false",
-        help="feed raw intensities, as the book does (default: standardize each image)",
-    )
+    add_flags(train, RunConfig, skip=("data",))
     train.set_defaults(func=_train)
 
 
 def _add_predict(commands) -> None:
     from dlfb_localization.nucleus.config import PredictConfig
 
-    defaults = PredictConfig(data="")
     predict = commands.add_parser(
         "predict",
         help="predict the protein image from the nucleus and the protein's identity",
@@ -397,20 +273,7 @@ def _add_predict(commands) -> None:
     )
     predict.add_argument("--data", type=Path, required=True, help="data folder")
     predict.add_argument("--out", type=Path, required=True, help="output folder")
-    predict.add_argument(
-        "--gan", action="store_true", help="also train pix2pix (U-Net vs PatchGAN)"
-    )
-    numbers = {
-        "--seed": ("seed", int, "seed of the split, weights and batches"),
-        "--epochs": ("num_epochs", int, "passes over the training split, per model"),
-        "--batch-size": ("batch_size", int, "frames per step"),
-        "--image-size": ("image_size", int, "side the crops are resized to"),
-        "--features": ("features", int, "U-Net channels at full resolution"),
-        "--depth": ("depth", int, "U-Net levels (2x downsamplings)"),
-        "--learning-rate": ("learning_rate", float, "the U-Net's Adam"),
-        "--l1-weight": ("l1_weight", float, "pix2pix's lambda"),
-    }
-    _add_settings(predict, numbers, defaults)
+    add_flags(predict, PredictConfig, skip=("data",))
     predict.set_defaults(func=_predict)
 
 

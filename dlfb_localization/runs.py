@@ -35,9 +35,10 @@ from dlfb_localization.files import write_json
 from dlfb_localization.invariance.transforms import AUGMENT_MODES
 from dlfb_localization.metrics import History
 from dlfb_localization.model import LocalizationModel
-from dlfb_localization.model.codebook import CodebookOptions
+from dlfb_localization.model.codebook import LOOKUPS, CodebookOptions
 from dlfb_localization.model.cytoself import CytoselfModel
 from dlfb_localization.model.vqvae import ENCODERS
+from dlfb_localization.settings import parse_channels, setting
 from dlfb_localization.train import train
 
 logger = logging.getLogger(__name__)
@@ -82,31 +83,82 @@ class RunConfig:
     """
 
     data: str
-    channels: tuple[int, ...] = (0,)
-    cache_dtype: str = "float32"
-    seed: int = 42
-    n_proteins: int | None = None
-    max_frames: int | None = None
-    embedding_dim: int = 64
-    num_embeddings: int = 512
-    commitment_cost: float = 0.25
-    dropout_rate: float = 0.45
-    classification_head_layers: int = 2
-    standardize_inputs: bool = True
-    compute_dtype: str = "float32"
-    encoder: str = "residual"
-    model: str = "chapter"
-    global_splits: int = 9
-    ema_decay: float | None = None
-    restart_dead_codes: bool = False
-    kmeans_init: bool = False
-    lookup: str = "cosine"
-    learning_rate: float = 1e-3
-    num_epochs: int = 10
-    batch_size: int = 256
-    classification_weight: float = 1.0
-    eval_every: int = 1
-    augment: str = "none"
+    channels: tuple[int, ...] = setting(
+        (0,),
+        "comma-separated channels: 0=protein, 1=nucleus, 2=nuclear distance, "
+        "3=nuclear segmentation",
+        parse=parse_channels,
+    )
+    cache_dtype: str = setting(
+        "float32",
+        "float16 halves the cache; batches are float32 either way",
+        choices=("float32", "float16"),
+    )
+    seed: int = setting(42, "seed of splits, weights and batches")
+    n_proteins: int | None = setting(None, "use this many random proteins", unset="all")
+    max_frames: int | None = setting(None, "use at most this many frames", unset="all")
+    embedding_dim: int = setting(64, "code length D")
+    num_embeddings: int = setting(512, "codebook size K")
+    commitment_cost: float = setting(0.25, "beta, the commitment loss's weight")
+    dropout_rate: float = setting(0.45, "dropout in the head")
+    classification_head_layers: int = setting(
+        2, "Dense layers in the head", flag="--head-layers"
+    )
+    standardize_inputs: bool = setting(
+        True,
+        "feed raw intensities, as the book does (default: standardize each image)",
+        flag="--no-standardize",
+    )
+    compute_dtype: str = setting(
+        "float32",
+        "bfloat16: mixed precision (float32 parameters) for GPU and TPU",
+        choices=("float32", "bfloat16"),
+    )
+    encoder: str = setting(
+        "residual",
+        "residual (the chapter's) or d4 (group convolutions: codes that rotate "
+        "and flip with the image, histograms that do not change)",
+        choices=ENCODERS,
+    )
+    model: str = setting(
+        "chapter",
+        "chapter (one level of codes) or cytoself (the paper's full model: local "
+        "and global codes, split quantization, a head on each level; train it on "
+        "--channels 0,1 with --num-embeddings 2048 --head-layers 3 for the "
+        "paper's sizes)",
+        choices=MODELS,
+    )
+    global_splits: int = setting(9, "cytoself: sub-vectors per global code")
+    ema_decay: float | None = setting(
+        None,
+        "learn codebooks as moving averages with this decay, e.g. 0.99",
+        unset="none: by gradient descent, as the chapter",
+    )
+    restart_dead_codes: bool = setting(
+        False, "move codes that fell out of use onto poorly described encoder outputs"
+    )
+    kmeans_init: bool = setting(
+        False, "start codebooks at k-means centroids of the untrained encoder's outputs"
+    )
+    lookup: str = setting(
+        "cosine",
+        "match encoder outputs with codes as unit vectors (cosine) or as raw "
+        "vectors (euclidean, the chapter's: its codebook loss grows during training)",
+        choices=LOOKUPS,
+    )
+    learning_rate: float = setting(1e-3, "Adam's learning rate")
+    num_epochs: int = setting(10, "passes over the training split", flag="--epochs")
+    batch_size: int = setting(256, "frames per step")
+    classification_weight: float = setting(
+        1.0, "weight of the protein-id loss; 0 trains without the head"
+    )
+    eval_every: int = setting(1, "validate every this many epochs")
+    augment: str = setting(
+        "none",
+        "give each training image a random orientation: d4 (quarter turns and "
+        "flips) or rotate (any angle, and flips)",
+        choices=AUGMENT_MODES,
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", str(self.data))

@@ -50,6 +50,14 @@ def pytest_configure(config):
         path = tempfile.mkdtemp(prefix="dlfb-jax-cache-")
         _session_cache.append(path)
         os.environ[_CACHE_ENV] = path  # inherited by worker processes
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        # Each pytest-xdist worker (and the processes it starts) gets a cache of
+        # its own: JAX writes cache entries without a lock, so two processes
+        # compiling the same program at once could read a half-written file.
+        path = os.path.join(path, worker)
+        os.makedirs(path, exist_ok=True)
+        os.environ[_CACHE_ENV] = path
     jax.config.update("jax_compilation_cache_dir", path)
 
 

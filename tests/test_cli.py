@@ -105,3 +105,38 @@ def test_bad_channels_flag_exits_with_usage(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--data", ".", "--store", "x", "--channels", "a,b"])
     assert "comma-separated channel numbers" in capsys.readouterr().err
+
+
+def test_every_run_setting_has_one_flag_that_fills_it(tmp_path):
+    # The flags are generated from the configurations' fields: each field but
+    # the data folder is reachable, and parsing fills exactly that field.
+    import dataclasses
+
+    from dlfb_localization.cli import build_parser
+    from dlfb_localization.nucleus.config import PredictConfig
+    from dlfb_localization.runs import RunConfig
+    from dlfb_localization.settings import from_flags
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for command, config_class in (("train", RunConfig), ("predict", PredictConfig)):
+        dests = {action.dest for action in commands[command]._actions}
+        fields = {f.name for f in dataclasses.fields(config_class)} - {"data"}
+        assert fields <= dests, (command, sorted(fields - dests))
+
+    flags = "--epochs 3 --no-standardize --ema-decay 0.9 --channels 0,1"
+    flags += " --head-layers 3 --restart-dead-codes"
+    run = ["train", "--data", str(tmp_path), "--store", str(tmp_path / "run")]
+    args = parser.parse_args([*run, *flags.split()])
+    config = from_flags(RunConfig, args, data=str(tmp_path))
+    assert config == RunConfig(
+        data=str(tmp_path),
+        num_epochs=3,
+        standardize_inputs=False,
+        ema_decay=0.9,
+        channels=(0, 1),
+        classification_head_layers=3,
+        restart_dead_codes=True,
+    )
+    defaults = parser.parse_args(["predict", "--data", "d", "--out", "o"])
+    assert from_flags(PredictConfig, defaults, data="d") == PredictConfig(data="d")

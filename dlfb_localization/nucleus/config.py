@@ -3,6 +3,8 @@ command line can read its defaults quickly)."""
 
 import dataclasses
 
+from dlfb_localization.settings import setting
+
 __all__ = ["PredictConfig"]
 
 
@@ -24,17 +26,19 @@ class PredictConfig:
     """
 
     data: str
-    seed: int = 42
-    gan: bool = False
-    image_size: int = 48
-    features: int = 8
-    depth: int = 3
-    embedding_dim: int = 32
-    num_epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    gan_learning_rate: float = 2e-4
-    l1_weight: float = 100.0
+    seed: int = setting(42, "seed of the split, the weights and the data order")
+    gan: bool = setting(False, "also train pix2pix (the U-Net against a PatchGAN)")
+    image_size: int = setting(48, "side the crops are resized to")
+    features: int = setting(8, "U-Net channels at full resolution")
+    depth: int = setting(3, "U-Net levels (2x downsamplings)")
+    embedding_dim: int = setting(32, "length of the protein's embedding")
+    num_epochs: int = setting(
+        30, "passes over the training split, per model", flag="--epochs"
+    )
+    batch_size: int = setting(32, "frames per step")
+    learning_rate: float = setting(1e-3, "the U-Net's Adam")
+    gan_learning_rate: float = setting(2e-4, "pix2pix's Adam, for both networks")
+    l1_weight: float = setting(100.0, "pix2pix's lambda")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", str(self.data))
