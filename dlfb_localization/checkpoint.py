@@ -350,6 +350,22 @@ def _state_items(state: TrainState) -> dict[str, Any]:
     return items
 
 
+def _latest_meta(manager: ocp.CheckpointManager) -> tuple[int, dict] | None:
+    """The latest finished step and its "meta" item, in a format this library
+    reads; None when the folder holds no finished step."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    meta = read_meta(manager, step)
+    stored_format = meta.get("version", {}).get("format")
+    if stored_format != FORMAT_VERSION:
+        raise ConfigMismatchError(
+            f"{manager.directory} holds checkpoint format {stored_format}, this "
+            f"library reads format {FORMAT_VERSION}; use another store_path"
+        )
+    return step, meta
+
+
 def restore_run(
     manager: ocp.CheckpointManager, state: TrainState, config: Mapping[str, Any]
 ) -> RestoredRun | None:
@@ -366,16 +382,10 @@ def restore_run(
     Raises:
       ConfigMismatchError: the stored run's configuration differs.
     """
-    step = manager.latest_step()
-    if step is None:
+    latest = _latest_meta(manager)
+    if latest is None:
         return None
-    meta = read_meta(manager, step)
-    stored_format = meta.get("version", {}).get("format")
-    if stored_format != FORMAT_VERSION:
-        raise ConfigMismatchError(
-            f"{manager.directory} holds checkpoint format {stored_format}, this "
-            f"library reads format {FORMAT_VERSION}; use another store_path"
-        )
+    step, meta = latest
     differences = find_config_differences(meta["config"], dict(config))
     if differences:
         raise ConfigMismatchError(
@@ -385,6 +395,41 @@ def restore_run(
         )
     return RestoredRun(
         state=restore_state(manager, step, state),
+        epoch=int(meta["epoch"]),
+        metrics=meta["metrics"],
+    )
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, target: TrainState, data: Mapping[str, Any]
+) -> RestoredRun | None:
+    """The latest checkpoint, for reading a finished run back rather than
+    continuing it: only the data is compared with the stored run's.
+
+    Args:
+      manager: from `open_manager`.
+      target: the state's structure, e.g. abstract (`jax.eval_shape`) arrays
+        with their placement; its values are not read.
+      data: `{split name: Dataset.fingerprint}` of the "train" and "valid"
+        splits the run is read with.
+
+    Raises:
+      ConfigMismatchError: the data differs from what the run was trained on.
+    """
+    latest = _latest_meta(manager)
+    if latest is None:
+        return None
+    step, meta = latest
+    differences = find_config_differences(
+        meta["config"]["data"], _to_json(dict(data)), "data"
+    )
+    if differences:
+        raise ConfigMismatchError(
+            f"{manager.directory} was trained on other data than it is read with "
+            "now (was the data folder changed?). Differences: " + "; ".join(differences)
+        )
+    return RestoredRun(
+        state=restore_state(manager, step, target),
         epoch=int(meta["epoch"]),
         metrics=meta["metrics"],
     )

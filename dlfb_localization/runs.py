@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -37,6 +38,7 @@ from dlfb_localization.metrics import History
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.model.codebook import LOOKUPS, CodebookOptions
 from dlfb_localization.model.cytoself import CytoselfModel
+from dlfb_localization.model.interface import ModelState
 from dlfb_localization.model.vqvae import ENCODERS
 from dlfb_localization.settings import parse_channels, setting
 from dlfb_localization.train import train
@@ -255,8 +257,9 @@ def build_splits(config: RunConfig, progress: bool = False) -> dict[str, Dataset
     )
 
 
-def create_state(config: RunConfig, splits: dict[str, Dataset]) -> TrainState:
-    """The initial `TrainState` of the run's model and Adam optimizer."""
+def build_model(config: RunConfig, splits: dict[str, Dataset]) -> nn.Module:
+    """The run's model, sized for its splits (the full model's loss divides by
+    the variance of a seeded sample of training frames when inputs are raw)."""
     common = {
         "num_classes": count_unique_proteins(splits),
         "embedding_dim": config.embedding_dim,
@@ -268,26 +271,55 @@ def create_state(config: RunConfig, splits: dict[str, Dataset]) -> TrainState:
         "dtype": config.compute_dtype,
         "codebook": config.codebook_options(),
     }
-    keys = _keys(config.seed)
-    # A seeded sample of training frames: the data's variance (the full
-    # model's loss divides by it) and k-means initialisation read it.
-    train_split = splits["train"]
-    sample = next(
-        train_split.get_batches(keys.init, min(_INIT_FRAMES, len(train_split)))
-    )["images"]
     if config.model == "cytoself":
-        variance = 1.0 if config.standardize_inputs else float(np.var(sample))
-        model = CytoselfModel(
+        variance = 1.0
+        if not config.standardize_inputs:
+            variance = float(np.var(_init_sample(config, splits)))
+        return CytoselfModel(
             **common, global_splits=config.global_splits, data_variance=variance
         )
-    else:
-        model = LocalizationModel(**common, encoder_type=config.encoder)
-    return model.create_train_state(
-        rng=keys.init,
-        dummy_input=train_split.get_dummy_input(),
+    return LocalizationModel(**common, encoder_type=config.encoder)
+
+
+def _init_sample(config: RunConfig, splits: dict[str, Dataset]) -> np.ndarray:
+    """A seeded sample of training frames: the data's variance (the full
+    model's loss divides by it) and k-means initialisation read it."""
+    train_split = splits["train"]
+    return next(
+        train_split.get_batches(
+            _keys(config.seed).init, min(_INIT_FRAMES, len(train_split))
+        )
+    )["images"]
+
+
+def create_state(config: RunConfig, splits: dict[str, Dataset]) -> ModelState:
+    """The initial train state of the run's model and Adam optimizer."""
+    return build_model(config, splits).create_train_state(
+        rng=_keys(config.seed).init,
+        dummy_input=splits["train"].get_dummy_input(),
         tx=optax.adam(config.learning_rate),
-        init_images=sample if config.kmeans_init else None,
+        init_images=_init_sample(config, splits) if config.kmeans_init else None,
     )
+
+
+def _abstract_state(config: RunConfig, splits: dict[str, Dataset]) -> ModelState:
+    """The shapes, dtypes and placement of the run's train state, without
+    initialising it (what a checkpoint is restored into)."""
+    model = build_model(config, splits)
+    # k-means moves the codebook's values, not its shape.
+    plain = model.clone(codebook=dataclasses.replace(model.codebook, kmeans_init=False))
+    abstract = jax.eval_shape(
+        lambda: plain.create_train_state(
+            rng=_keys(config.seed).init,
+            dummy_input=splits["train"].get_dummy_input(),
+            tx=optax.adam(config.learning_rate),
+        )
+    )
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    placed = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
+    )
+    return placed.replace(model=model, apply_fn=model.apply)
 
 
 def _read_config(store: Path) -> RunConfig:
@@ -345,6 +377,10 @@ def train_run(
 def load_run(store: str | os.PathLike, progress: bool = False) -> Run:
     """The latest checkpoint of the run in `store`, with its data and metrics.
 
+    The data is checked against the fingerprints the checkpoint stored; the
+    state is restored into the shapes of the run's configuration, without
+    initialising a model.
+
     Raises:
       FileNotFoundError: `store` is not a run folder or has no checkpoint yet.
       checkpoint.ConfigMismatchError: the data changed since training.
@@ -352,20 +388,13 @@ def load_run(store: str | os.PathLike, progress: bool = False) -> Run:
     store = Path(store)
     config = _read_config(store)
     splits = build_splits(config, progress=progress)
-    state = create_state(config, splits)
-    run_config = checkpoint.build_run_config(
-        state,
-        _keys(config.seed).train,
-        splits,
-        num_epochs=config.num_epochs,
-        batch_size=config.batch_size,
-        classification_weight=config.classification_weight,
-        eval_every=config.eval_every,
-        augment=config.augment,
-    )
     manager = checkpoint.open_manager(store / CHECKPOINTS)
     try:
-        restored = checkpoint.restore_run(manager, state, run_config)
+        restored = checkpoint.restore_latest(
+            manager,
+            _abstract_state(config, splits),
+            data={name: splits[name].fingerprint for name in ("train", "valid")},
+        )
     finally:
         manager.close()
     if restored is None:

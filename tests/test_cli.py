@@ -140,3 +140,51 @@ def test_every_run_setting_has_one_flag_that_fills_it(tmp_path):
     )
     defaults = parser.parse_args(["predict", "--data", "d", "--out", "o"])
     assert from_flags(PredictConfig, defaults, data="d") == PredictConfig(data="d")
+
+
+def test_a_run_is_read_back_without_initialising_and_refuses_other_data(
+    trained, tmp_path, monkeypatch
+):
+    import shutil
+
+    import jax
+    from conftest import write_tiny_release
+
+    from dlfb_localization import runs
+    from dlfb_localization.checkpoint import ConfigMismatchError
+
+    _, store, exit_code = trained
+    assert exit_code == 0
+    config = runs.RunConfig.from_json(json.loads((store / "config.json").read_text()))
+    resumed = runs.train_run(config, store, progress=False)  # restores, via train
+
+    # Only shapes are computed: the model is initialised on tracers, never on
+    # values.
+    create = runs.LocalizationModel.create_train_state
+
+    def shapes_only(self, rng, *args, **kwargs):
+        assert isinstance(rng, jax.core.Tracer), "load_run initialised a model"
+        return create(self, rng, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runs.LocalizationModel, "create_train_state", shapes_only)
+        loaded = runs.load_run(store)
+    assert loaded.state.model == resumed.state.model
+    assert int(loaded.state.step) == int(resumed.state.step) > 0
+    for a, b in zip(
+        jax.tree.leaves((loaded.state.params, loaded.state.opt_state)),
+        jax.tree.leaves((resumed.state.params, resumed.state.opt_state)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert loaded.metrics == resumed.metrics
+
+    # The same run folder pointed at data with other pixels is refused.
+    moved = tmp_path / "store"
+    shutil.copytree(store, moved)
+    write_tiny_release(tmp_path / "other", seed=1)
+    stored = json.loads((moved / "config.json").read_text())
+    stored["data"] = str(tmp_path / "other")
+    (moved / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(ConfigMismatchError, match="other data"):
+        runs.load_run(moved)
