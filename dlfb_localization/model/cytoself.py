@@ -30,21 +30,17 @@ from typing import Any, ClassVar, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from dlfb_localization.model.codebook import CodebookOptions
 from dlfb_localization.model.decoder import Decoder
 from dlfb_localization.model.encoder import Encoder, ResnetBlock
 from dlfb_localization.model.head import ClassificationHead
-from dlfb_localization.model.interface import ModelState, cross_entropy, vq_metrics
+from dlfb_localization.model.interface import cross_entropy, vq_metrics
 from dlfb_localization.model.quantizer import VectorQuantizer, VQOutput
 from dlfb_localization.model.vqvae import (
+    VQFamily,
     check_common_fields,
-    create_model_state,
-    prepare_images,
-    restore_images,
     summarise_level,
-    update_codebook_collections,
 )
 
 __all__ = ["LEVELS", "CytoselfModel", "CytoselfOutputs"]
@@ -179,7 +175,7 @@ class GlobalDecoder(nn.Module):
         return ResnetBlock(self.latent_dim, dtype=self.dtype)(x)
 
 
-class CytoselfModel(nn.Module):
+class CytoselfModel(VQFamily, nn.Module):
     """Cytoself's two-level VQ-VAE with split quantization and two heads.
 
     Use it like `LocalizationModel`: `create_train_state`, then `train.train`
@@ -257,14 +253,6 @@ class CytoselfModel(nn.Module):
         }
         self.head_local = ClassificationHead(**head)
         self.head_global = ClassificationHead(**head)
-
-    def prepare_inputs(self, x: jax.Array) -> jax.Array:
-        """The images as the encoder sees them and the decoder reconstructs them."""
-        return prepare_images(x, self.standardize_inputs)
-
-    def restore_scale(self, decoded: jax.Array, x: jax.Array) -> jax.Array:
-        """Maps a reconstruction of `prepare_inputs(x)` back to the scale of `x`."""
-        return restore_images(decoded, x, self.standardize_inputs)
 
     def _encode(self, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
         local = self.local_encoder(targets)
@@ -354,19 +342,3 @@ class CytoselfModel(nn.Module):
         """Encoder outputs as each codebook sees them, by its parameters' name."""
         levels = self.quantize_levels(x)
         return {name: levels[level].latents for name, level in _CODEBOOK_LEVELS.items()}
-
-    @nn.nowrap
-    def create_train_state(
-        self,
-        rng: jax.Array,
-        dummy_input: jax.Array,
-        tx: optax.GradientTransformation,
-        init_images: jax.Array | None = None,
-    ) -> ModelState:
-        """As `LocalizationModel.create_train_state`."""
-        return create_model_state(self, rng, dummy_input, tx, init_images)
-
-    @nn.nowrap
-    def update_collections(self, params, collections, codes, rng):
-        """As `LocalizationModel.update_collections`, for both codebooks."""
-        return update_codebook_collections(self, params, collections, codes, rng)

@@ -1,7 +1,8 @@
 """What every trainable model family provides, so that training, checkpoints,
 embeddings and evaluation never ask which family they hold.
 
-A family is a Flax module with:
+A family is a Flax module (`model.vqvae.VQFamily` holds what the VQ-VAE
+families share) with:
 
 - `create_train_state(rng, dummy_input, tx, init_images=None) -> ModelState`;
 - `compute_outputs(x, is_training) -> outputs`, whose outputs name their own
@@ -27,7 +28,7 @@ entry in `runs.MODELS`.
 """
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -40,7 +41,6 @@ from dlfb_localization.model.quantizer import VQOutput, compute_code_usage
 __all__ = [
     "FamilyOutputs",
     "ModelState",
-    "TrainableModel",
     "cross_entropy",
     "level_suffix",
     "model_of",
@@ -71,25 +71,6 @@ class FamilyOutputs(Protocol):
     def metrics(self, labels: jax.Array) -> dict[str, jax.Array]: ...
 
     def quantizers(self) -> dict[str, VQOutput]: ...
-
-
-class TrainableModel(Protocol):
-    """The module side of a family (see the module's docstring)."""
-
-    num_classes: int
-    codebook_levels: ClassVar[Mapping[str, str]]
-
-    def create_train_state(
-        self,
-        rng: jax.Array,
-        dummy_input: jax.Array,
-        tx: optax.GradientTransformation,
-        init_images: jax.Array | None = None,
-    ) -> ModelState: ...
-
-    def update_collections(
-        self, params: Any, collections: Any, codes: Mapping[str, Any], rng: jax.Array
-    ) -> tuple[Any, Any]: ...
 
 
 def model_of(state: TrainState) -> nn.Module:

@@ -157,7 +157,56 @@ _COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 ENCODERS = ("residual", "d4")
 
 
-class LocalizationModel(nn.Module):
+class VQFamily:
+    """What the VQ-VAE families (`LocalizationModel`, `CytoselfModel`) share
+    beyond their layers: input scaling, state creation and the codebooks'
+    non-gradient updates (see `model.interface`). A mixin of plain methods;
+    the module supplies `standardize_inputs`, `codebook` and `codebook_levels`.
+    """
+
+    def prepare_inputs(self, x: jax.Array) -> jax.Array:
+        """The images as the encoder sees them and the decoder reconstructs them."""
+        return prepare_images(x, self.standardize_inputs)
+
+    def restore_scale(self, decoded: jax.Array, x: jax.Array) -> jax.Array:
+        """Maps a reconstruction of `prepare_inputs(x)` back to the scale of `x`."""
+        return restore_images(decoded, x, self.standardize_inputs)
+
+    @nn.nowrap
+    def create_train_state(
+        self,
+        rng: jax.Array,
+        dummy_input: jax.Array,
+        tx: optax.GradientTransformation,
+        init_images: jax.Array | None = None,
+    ) -> ModelState:
+        """Initializes parameters and the optimizer state.
+
+        Args:
+          rng: JAX key. It is split as in the book (the second of three keys
+            initializes the weights), so a key gives the book's initial weights.
+          dummy_input: `[1, H, W, C]` array shaped like the data, e.g.
+            `dataset.get_dummy_input()`.
+          tx: the optimizer, e.g. `optax.adam(1e-3)`. Build it once per run: a
+            new optax object is a new static field and recompiles the steps.
+          init_images: `[n, H, W, C]` training frames, needed (only) with
+            `codebook.kmeans_init`.
+
+        Returns:
+          A `ModelState` (a `TrainState`) with `apply_fn=self.apply`, step 0;
+          its `collections` hold the codebook's moving averages when it keeps
+          any.
+        """
+        return create_model_state(self, rng, dummy_input, tx, init_images)
+
+    @nn.nowrap
+    def update_collections(self, params, collections, codes, rng):
+        """EMA updates and dead-code restarts after an optimizer step
+        (`update_codebook_collections`)."""
+        return update_codebook_collections(self, params, collections, codes, rng)
+
+
+class LocalizationModel(VQFamily, nn.Module):
     """VQ-VAE (encoder, vector quantizer, decoder) with a classification head.
 
     The chapter's simplified cytoself: a 100x100xC crop is encoded to a 25x25
@@ -230,14 +279,6 @@ class LocalizationModel(nn.Module):
             layers=self.classification_head_layers,
             dtype=self.dtype,
         )
-
-    def prepare_inputs(self, x: jax.Array) -> jax.Array:
-        """The images as the encoder sees them and the decoder reconstructs them."""
-        return prepare_images(x, self.standardize_inputs)
-
-    def restore_scale(self, decoded: jax.Array, x: jax.Array) -> jax.Array:
-        """Maps a reconstruction of `prepare_inputs(x)` back to the scale of `x`."""
-        return restore_images(decoded, x, self.standardize_inputs)
 
     def encode(self, x: jax.Array) -> jax.Array:
         """Maps `[batch, H, W, C]` images to `[batch, H/4, W/4, D]` float32
@@ -331,39 +372,6 @@ class LocalizationModel(nn.Module):
         """Encoder outputs as each codebook sees them, by its parameters' name
         (what k-means initialisation clusters)."""
         return {"vector_quantizer": self.vector_quantizer.lookup_space(self.encode(x))}
-
-    @nn.nowrap
-    def create_train_state(
-        self,
-        rng: jax.Array,
-        dummy_input: jax.Array,
-        tx: optax.GradientTransformation,
-        init_images: jax.Array | None = None,
-    ) -> ModelState:
-        """Initializes parameters and the optimizer state.
-
-        Args:
-          rng: JAX key. It is split as in the book (the second of three keys
-            initializes the weights), so a key gives the book's initial weights.
-          dummy_input: `[1, H, W, C]` array shaped like the data, e.g.
-            `dataset.get_dummy_input()`.
-          tx: the optimizer, e.g. `optax.adam(1e-3)`. Build it once per run: a
-            new optax object is a new static field and recompiles the steps.
-          init_images: `[n, H, W, C]` training frames, needed (only) with
-            `codebook.kmeans_init`.
-
-        Returns:
-          A `ModelState` (a `TrainState`) with `apply_fn=self.apply`, step 0;
-          its `collections` hold the codebook's moving averages when it keeps
-          any.
-        """
-        return create_model_state(self, rng, dummy_input, tx, init_images)
-
-    @nn.nowrap
-    def update_collections(self, params, collections, codes, rng):
-        """EMA updates and dead-code restarts after an optimizer step
-        (`update_codebook_collections`)."""
-        return update_codebook_collections(self, params, collections, codes, rng)
 
 
 def summarise_level(vq: VQOutput, num_embeddings: int) -> dict[str, jax.Array]:
