@@ -265,9 +265,9 @@ def _add_settings(command: argparse.ArgumentParser, numbers: dict, defaults) -> 
 
 
 def _add_train(commands) -> None:
-    from dlfb_localization.invariance.transforms import AUGMENT_MODES
     from dlfb_localization.model.codebook import LOOKUPS
     from dlfb_localization.model.vqvae import ENCODERS
+    from dlfb_localization.orientation import AUGMENT_MODES
     from dlfb_localization.runs import MODELS, RunConfig
 
     defaults = RunConfig(data="")

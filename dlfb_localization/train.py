@@ -22,12 +22,12 @@ from dlfb_localization.health import (
     check_health,
     health_metrics,
 )
-from dlfb_localization.invariance.transforms import AUGMENT_MODES, random_orientation
 from dlfb_localization.metrics import History, MetricsLogger
 from dlfb_localization.model.codebook import update_codebook
 from dlfb_localization.model.cytoself import CytoselfOutputs
 from dlfb_localization.model.quantizer import compute_code_usage
 from dlfb_localization.model.vqvae import CodebookTrainState, ModelOutputs
+from dlfb_localization.orientation import AUGMENT_MODES, random_orientation
 
 logger = logging.getLogger(__name__)
 
