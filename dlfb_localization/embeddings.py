@@ -5,10 +5,12 @@ latent positions chose each code, the chapter's "feature spectrum") and the mean
 of its quantized vectors. Proteins and localizations are averages of those.
 It imports neither matplotlib nor UMAP, so `evaluate` and `export` use it;
 `inspect.embeddings.utils` re-exports it under the chapter's import path.
+The batching is `inference.map_frames`'s. The codebook's health over a split
+(`compute_codebook_health`) is here too, below both `evaluate` and the figure
+that reports it (`inspect.codebook`).
 """
 
 import functools
-from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -18,6 +20,7 @@ from scipy.spatial.distance import pdist, squareform
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.localizations import LOCALIZATIONS_OF_INTEREST
+from dlfb_localization.inference import iterate_inference_batches, map_frames
 from dlfb_localization.model.quantizer import count_codes
 
 __all__ = [
@@ -25,12 +28,13 @@ __all__ = [
     "aggregate_localizations",
     "aggregate_proteins",
     "cluster_feature_spectrums",
+    "compute_codebook_health",
     "correlate_codes",
     "count_codes",
     "frame_protein_ids",
     "frame_rows",
     "get_frame_embeddings",
-    "iterate_inference_batches",
+    "iterate_inference_batches",  # from `inference`; documented here first
     "protein_localizations",
 ]
 
@@ -63,37 +67,34 @@ def hellinger_features(histograms: np.ndarray) -> np.ndarray:
     return np.sqrt(histograms / np.where(totals > 0, totals, 1.0))
 
 
-def iterate_inference_batches(
-    dataset_split: Dataset, batch_size: int
-) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """Every frame once, in frame-id order, in batches of one fixed shape.
+def compute_codebook_health(code_counts: np.ndarray) -> dict[str, float]:
+    """Perplexity, used fraction and largest share of codebook usage.
 
-    The last partial batch is padded with zero frames up to the batch size, so a
-    jitted function sees one shape and compiles once; callers keep the first `n`
-    results. A split smaller than `batch_size` uses its own size instead, so a
-    small split is not padded to a large batch.
+    The definitions of `model.compute_code_usage`, applied to counts summed over
+    a whole split rather than one batch (so the split's perplexity is at least
+    any batch's). That one is traced in the training step, in float32 and with
+    an epsilon in the logarithm; this one is exact, in float64, on the host.
 
     Args:
-      dataset_split: the frames.
-      batch_size: frames per batch.
+      code_counts: `[K]` how often each code was chosen (e.g. the column sums of
+        `frame_histograms`).
 
-    Yields:
-      `(batch, n)`: the `get_batches` dict with `images` padded to `[b, h, w, c]`
-      (`frame_ids` and `labels` are not padded) and the number `n` of real frames.
+    Returns:
+      `{"perplexity"` (exp of the usage entropy, in `[1, K]`), `"used_fraction"`
+      (codes chosen at least once), `"max_share"` (share of the busiest code),
+      `"num_embeddings"}`.
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if len(dataset_split) == 0:
-        raise ValueError("the split has no frames")
-    batch_size = min(batch_size, len(dataset_split))
-    for batch in dataset_split.get_batches(
-        None, batch_size, shuffle=False, drop_remainder=False
-    ):
-        n = len(batch["images"])
-        if n < batch_size:
-            pad = np.zeros((batch_size - n, *batch["images"].shape[1:]), np.float32)
-            batch = {**batch, "images": np.concatenate([batch["images"], pad])}
-        yield batch, n
+    counts = np.asarray(code_counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.sum() <= 0:
+        raise ValueError("code_counts must be a [K] vector with a positive sum")
+    probs = counts / counts.sum()
+    nonzero = probs[probs > 0]
+    return {
+        "perplexity": float(np.exp(-np.sum(nonzero * np.log(nonzero)))),
+        "used_fraction": float(np.mean(counts > 0)),
+        "max_share": float(probs.max()),
+        "num_embeddings": len(counts),
+    }
 
 
 def get_frame_embeddings(
@@ -118,27 +119,15 @@ def get_frame_embeddings(
       local level's, and `frame_histograms_global` and `frame_vectors_global`
       hold the global level's (rows sum to `4 * 4 * 9` positions).
     """
-    frame_ids, results = [], {}
-    pending = None
-
-    def collect(outputs, n: int) -> None:
-        for name, values in jax.device_get(outputs).items():
-            results.setdefault(name, []).append(values[:n])
-
-    for batch, n in iterate_inference_batches(dataset_split, batch_size):
-        outputs = _embed_batch(state.apply_fn, state.params, batch["images"])
-        frame_ids.append(batch["frame_ids"])
-        # Fetch the previous batch only after dispatching this one, so the device
-        # computes while the host copies and reads the next frames; device memory
-        # stays at two batches' results whatever the split's size.
-        if pending is not None:
-            collect(*pending)
-        pending = (outputs, n)
-    collect(*pending)
-    embeddings = {"frame_ids": np.concatenate(frame_ids).astype(np.int64)}
-    for name, values in sorted(results.items()):
+    outputs = map_frames(
+        functools.partial(_embed_batch, state.apply_fn, state.params),
+        dataset_split,
+        batch_size,
+    )
+    embeddings = {"frame_ids": dataset_split.labels.frame_ids.astype(np.int64)}
+    for name, values in sorted(outputs.items()):
         dtype = np.int32 if name.startswith("frame_histograms") else np.float32
-        embeddings[name] = np.concatenate(values).astype(dtype)
+        embeddings[name] = values.astype(dtype)
     return embeddings
 
 

@@ -23,8 +23,6 @@ import logging
 import os
 from collections.abc import Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax.training.train_state import TrainState
 from sklearn.decomposition import PCA
@@ -34,13 +32,15 @@ from sklearn.neighbors import NearestNeighbors
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.embeddings import (
     aggregate_by_protein,
+    compute_codebook_health,
     frame_protein_ids,
     get_frame_embeddings,
     hellinger_features,
-    iterate_inference_batches,
     protein_localizations,
 )
 from dlfb_localization.files import write_json
+from dlfb_localization.inference import map_frames, reconstruct, squared_errors
+from dlfb_localization.projection import UMAP_MIN_DIST, UMAP_NEIGHBORS, project_2d
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,6 @@ PCA_COMPONENTS = 64
 # the baseline's memory stays bounded on the full data set; all frames are
 # projected.
 PCA_MAX_FIT_FRAMES = 20_000
-UMAP_NEIGHBORS = 15
-UMAP_MIN_DIST = 0.1
 # Below this many frames a 2-D UMAP means nothing; the cluster score is None.
 _UMAP_MIN_FRAMES = 5
 
@@ -285,57 +283,6 @@ def compute_cluster_score(coordinates: np.ndarray, labels: np.ndarray) -> float:
     return float(np.std(np.array(centroids)) / size) if size > 0 else float("nan")
 
 
-def compute_codebook_health(code_counts: np.ndarray) -> dict[str, float]:
-    """Perplexity, used fraction and largest share of codebook usage.
-
-    The definitions of `model.compute_code_usage`, applied to counts summed over
-    a whole split rather than one batch (so the split's perplexity is at least
-    any batch's).
-
-    Args:
-      code_counts: `[K]` how often each code was chosen (e.g. the column sums of
-        `frame_histograms`).
-
-    Returns:
-      `{"perplexity"` (exp of the usage entropy, in `[1, K]`), `"used_fraction"`
-      (codes chosen at least once), `"max_share"` (share of the busiest code),
-      `"num_embeddings"}`.
-    """
-    counts = np.asarray(code_counts, dtype=np.float64)
-    if counts.ndim != 1 or counts.sum() <= 0:
-        raise ValueError("code_counts must be a [K] vector with a positive sum")
-    probs = counts / counts.sum()
-    nonzero = probs[probs > 0]
-    return {
-        "perplexity": float(np.exp(-np.sum(nonzero * np.log(nonzero)))),
-        "used_fraction": float(np.mean(counts > 0)),
-        "max_share": float(probs.max()),
-        "num_embeddings": len(counts),
-    }
-
-
-def _reconstruct(model, images: jax.Array) -> jax.Array:
-    return model.reconstruct(images)
-
-
-def reconstruct(state: TrainState, images: jax.Array) -> jax.Array:
-    """The model's reconstruction of `[b, h, w, c]` images, on their scale."""
-    return _reconstruct_jit(state.apply_fn, state.params, images)
-
-
-# Jitted over (apply_fn, params), not the TrainState, so that the optimizer (a
-# static field of the state) plays no part in compilation.
-@functools.partial(jax.jit, static_argnums=0)
-def _reconstruct_jit(apply_fn, params, images: jax.Array) -> jax.Array:
-    return apply_fn({"params": params}, images, method=_reconstruct)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _squared_errors(apply_fn, params, images: jax.Array) -> jax.Array:
-    decoded = apply_fn({"params": params}, images, method=_reconstruct)
-    return jnp.sum(jnp.square(decoded - images), axis=tuple(range(1, images.ndim)))
-
-
 def compute_reconstruction_mse(
     state: TrainState, dataset_split: Dataset, batch_size: int = 256
 ) -> float:
@@ -345,14 +292,16 @@ def compute_reconstruction_mse(
     without input standardization compare; for a model without it, this is the
     training `recon_loss` over the whole split instead of one batch.
     """
-    total, count = 0.0, 0
-    for batch, n in iterate_inference_batches(dataset_split, batch_size):
-        errors = np.asarray(
-            _squared_errors(state.apply_fn, state.params, batch["images"])
-        )[:n]
-        total += float(errors.astype(np.float64).sum())
-        count += n * int(np.prod(batch["images"].shape[1:]))
-    return total / count
+    errors = map_frames(
+        functools.partial(squared_errors, state), dataset_split, batch_size
+    )
+    # Summed in float64 one device batch at a time, as the frames were
+    # computed: the float sums' order, and so the last bits, depend on it.
+    batch_size = min(batch_size, len(errors))
+    total = 0.0
+    for start in range(0, len(errors), batch_size):
+        total += float(errors[start : start + batch_size].astype(np.float64).sum())
+    return total / (len(errors) * int(np.prod(dataset_split.image_shape)))
 
 
 # Frames per PCA projection chunk, whatever the caller's batch size.
@@ -403,23 +352,6 @@ def compute_pixel_pca(
         "frame_ids": frame_ids.astype(np.int64),
         "features": np.concatenate(features).astype(np.float32),
     }
-
-
-def _project_2d(features: np.ndarray, metric: str, random_state: int) -> np.ndarray:
-    """A seeded 2-D UMAP (single-threaded, hence reproducible)."""
-    import umap  # numba compiles on first use; keep it off the import path
-
-    features, metric = to_metric_space(features, metric)
-    n_neighbors = max(2, min(UMAP_NEIGHBORS, len(features) - 1))
-    reducer = umap.UMAP(
-        n_components=2,
-        n_neighbors=n_neighbors,
-        min_dist=UMAP_MIN_DIST,
-        metric=metric,
-        random_state=random_state,
-        n_jobs=1,
-    )
-    return reducer.fit_transform(features)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -615,7 +547,8 @@ def _score_clusters(
             for mode in subsets:
                 scores[mode][name] = None
             continue
-        coordinates = _project_2d(values, EMBEDDING_METRICS[name], random_state)
+        points, metric = to_metric_space(values, EMBEDDING_METRICS[name])
+        coordinates = project_2d(points, metric=metric, random_state=random_state)
         for mode, labels in subsets.items():
             mask = labels != ""
             score = compute_cluster_score(coordinates[mask], labels[mask])

@@ -33,13 +33,13 @@ from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.utils import count_unique_proteins
 from dlfb_localization.files import write_json
-from dlfb_localization.invariance.transforms import AUGMENT_MODES
 from dlfb_localization.metrics import History
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.model.codebook import LOOKUPS, CodebookOptions
 from dlfb_localization.model.cytoself import CytoselfModel
 from dlfb_localization.model.interface import ModelState
 from dlfb_localization.model.vqvae import ENCODERS
+from dlfb_localization.orientation import AUGMENT_MODES
 from dlfb_localization.settings import parse_channels, setting
 from dlfb_localization.train import train
 

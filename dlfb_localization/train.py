@@ -21,9 +21,9 @@ from dlfb_localization.health import (
     check_health,
     health_metrics,
 )
-from dlfb_localization.invariance.transforms import AUGMENT_MODES, random_orientation
 from dlfb_localization.metrics import History, MetricsLogger
 from dlfb_localization.model.interface import FamilyOutputs, model_of, usage_metrics
+from dlfb_localization.orientation import AUGMENT_MODES, random_orientation
 
 logger = logging.getLogger(__name__)
 

@@ -145,6 +145,11 @@ class Dataset:
     ):
         """Plots `n` random frames (protein channel), titled with gene symbol and
         main localization (+k other localizations). Returns the Figure."""
+        # The one arrow from the data layer up to plotting: the chapter calls
+        # `dataset.plot_random_frames(...)` (SPEC.md, colab/01_data_tour), so
+        # the method stays. Imported here, on call, so that importing `dataset`
+        # never imports `inspect` or matplotlib; tests/test_layers.py allows
+        # exactly this import. The drawing is `inspect.frames.plot_frames`.
         from dlfb_localization.inspect.frames import plot_frames
 
         frame_ids = self.sample_frame_ids(n, rng, gene_symbols)

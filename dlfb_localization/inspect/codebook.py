@@ -4,7 +4,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from dlfb_localization.evaluate import compute_codebook_health
+from dlfb_localization.embeddings import compute_codebook_health
 
 __all__ = ["plot_codebook_usage"]
 
@@ -15,7 +15,7 @@ def plot_codebook_usage(frame_histograms: np.ndarray, title: str = "") -> Figure
     A healthy codebook shows a long, gently falling curve; a collapsing one a
     few tall bars and a long run of unused codes. The title gives perplexity,
     the fraction of codes used and the busiest code's share
-    (`evaluate.compute_codebook_health`).
+    (`compute_codebook_health`, also `evaluate`'s).
 
     Args:
       frame_histograms: `[n, K]` per-frame code counts (from

@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.localizations import frame_localizations
-from dlfb_localization.evaluate import reconstruct
+from dlfb_localization.inference import reconstruct
 from dlfb_localization.inspect.frames import frame_title
 
 __all__ = ["show_reconstruction"]

@@ -1,7 +1,9 @@
 """Orientation invariance: cells have no preferred orientation.
 
 - `transforms`: the 8 rotations and flips of D4, arbitrary rotations and the
-  random orientations `train(..., augment=...)` gives training images.
+  random orientations `train(..., augment=...)` gives training images (they
+  live in `dlfb_localization.orientation`, outside this package, so that
+  `train` imports them without `score`).
 - `score`: how far embeddings move when a crop turns (`invariance_score`) and
   D4-averaged embeddings (`orbit_pooled_embeddings`).
 - `align`: the rotation and flip between image pairs (Reddy & Chatterji).
@@ -16,7 +18,7 @@ from dlfb_localization.invariance.score import (
     invariance_score,
     orbit_pooled_embeddings,
 )
-from dlfb_localization.invariance.transforms import (
+from dlfb_localization.orientation import (
     AUGMENT_MODES,
     D4_ORDER,
     d4_apply,

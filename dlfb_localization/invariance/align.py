@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dlfb_localization.invariance.transforms import rotate
+from dlfb_localization.orientation import rotate
 
 __all__ = ["Alignment", "align"]
 

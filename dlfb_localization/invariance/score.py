@@ -18,8 +18,9 @@ import numpy as np
 from flax.training.train_state import TrainState
 
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.embeddings import hellinger_features, iterate_inference_batches
-from dlfb_localization.invariance.transforms import D4_ORDER, d4_orbit, rotate
+from dlfb_localization.embeddings import hellinger_features
+from dlfb_localization.inference import map_frames
+from dlfb_localization.orientation import D4_ORDER, d4_orbit, rotate
 
 __all__ = [
     "DEFAULT_ANGLES",
@@ -30,7 +31,7 @@ __all__ = [
 
 # The distance each embedding is compared with: those of the protein-level
 # k-NN (`evaluate.EMBEDDING_METRICS`; a test keeps the two equal). Not imported
-# from there, to keep scikit-learn out of `train`'s imports.
+# from there, to keep scikit-learn out of this package's imports.
 EMBEDDING_METRICS = {"codebook_histogram": "hellinger", "mean_quantized": "euclidean"}
 # Angles that no pixel permutation reaches.
 DEFAULT_ANGLES = (15.0, 30.0, 45.0, 60.0)
@@ -48,14 +49,16 @@ def _summarise(model, images: jax.Array) -> tuple[jax.Array, jax.Array]:
 # optimizer object does not compile again.
 @functools.partial(jax.jit, static_argnums=0)
 def _embed_orbit(apply_fn, params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Embeddings of the 8 D4 transforms: `[8, b, K]` and `[8, b, D]`.
+    """Embeddings of the 8 D4 transforms: `[b, 8, K]` and `[b, 8, D]` (frames
+    first, for `map_frames`; entry 0 of the second axis is the frame itself).
 
     `lax.map` runs the transforms one after another, so memory holds one
     batch's activations, not eight."""
-    return jax.lax.map(
+    orbit = jax.lax.map(
         lambda x: apply_fn({"params": params}, x, method=_summarise),
         d4_orbit(images),
     )
+    return jax.tree.map(lambda values: jnp.moveaxis(values, 0, 1), orbit)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -77,18 +80,6 @@ def _paired_distances(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
         norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
         return 1.0 - np.sum(a * b, axis=-1) / np.maximum(norms, 1e-300)
     raise ValueError(f"unknown metric {metric!r}")
-
-
-def _batches(images: np.ndarray, batch_size: int):
-    """`(padded batch, n real)` of fixed shape, so each function compiles once."""
-    batch_size = min(batch_size, len(images))
-    for start in range(0, len(images), batch_size):
-        batch = np.asarray(images[start : start + batch_size], np.float32)
-        n = len(batch)
-        if n < batch_size:
-            pad = np.zeros((batch_size - n, *batch.shape[1:]), np.float32)
-            batch = np.concatenate([batch, pad])
-        yield batch, n
 
 
 def invariance_score(
@@ -133,29 +124,31 @@ def invariance_score(
         raise ValueError(f"need at least 2 crops to form pairs, got {n}")
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
-    orbit = [], []
-    turned = {float(angle): ([], []) for angle in angles}
-    for batch, count in _batches(images, batch_size):
-        histograms, vectors = jax.device_get(
-            _embed_orbit(state.apply_fn, state.params, batch)
+    # ([n, 8, K], [n, 8, D]) and, per angle, ([n, K], [n, D]).
+    orbit = map_frames(
+        functools.partial(_embed_orbit, state.apply_fn, state.params),
+        images,
+        batch_size,
+    )
+    turned = {
+        angle: map_frames(
+            lambda batch, angle=angle: _embed_rotated(
+                state.apply_fn, state.params, batch, angle
+            ),
+            images,
+            batch_size,
         )
-        orbit[0].append(histograms[:, :count])
-        orbit[1].append(vectors[:, :count])
-        for angle, (angle_histograms, angle_vectors) in turned.items():
-            histograms, vectors = jax.device_get(
-                _embed_rotated(state.apply_fn, state.params, batch, angle)
-            )
-            angle_histograms.append(histograms[:count])
-            angle_vectors.append(vectors[:count])
+        for angle in map(float, angles)
+    }
 
     rng = np.random.default_rng(seed)
     first = rng.integers(0, n, num_pairs)
     second = (first + rng.integers(1, n, num_pairs)) % n  # never equal to first
     report = {}
     for position, (name, metric) in enumerate(EMBEDDING_METRICS.items()):
-        # [8, n, d]: entry 0 is the crop itself.
-        embeddings = np.concatenate(orbit[position], axis=1)
-        original = embeddings[0]
+        # [n, 8, d]: entry 0 is the crop itself.
+        embeddings = orbit[position]
+        original = embeddings[:, 0]
         pair_distance = float(
             np.mean(_paired_distances(original[first], original[second], metric))
         )
@@ -166,12 +159,12 @@ def invariance_score(
             distance = np.mean(_paired_distances(original, moved, metric))
             return float(distance / scale)
 
-        elements = {str(k): relative(embeddings[k]) for k in range(1, D4_ORDER)}
+        elements = {str(k): relative(embeddings[:, k]) for k in range(1, D4_ORDER)}
         report[name] = {
             "d4": float(np.mean(list(elements.values()))),
             "d4_elements": elements,
             "angles": {
-                f"{angle:g}": relative(np.concatenate(values[position]))
+                f"{angle:g}": relative(values[position])
                 for angle, values in turned.items()
             },
             "pair_distance": pair_distance,
@@ -200,16 +193,13 @@ def orbit_pooled_embeddings(
       `get_frame_embeddings`; the histograms are means of 8 counts, so no longer
       integers (rows still sum to the latent grid's `h * w`).
     """
-    frame_ids, histograms, vectors = [], [], []
-    for batch, n in iterate_inference_batches(dataset_split, batch_size):
-        orbit_histograms, orbit_vectors = jax.device_get(
-            _embed_orbit(state.apply_fn, state.params, batch["images"])
-        )
-        frame_ids.append(batch["frame_ids"])
-        histograms.append(orbit_histograms[:, :n].mean(axis=0))
-        vectors.append(orbit_vectors[:, :n].mean(axis=0))
+    histograms, vectors = map_frames(
+        functools.partial(_embed_orbit, state.apply_fn, state.params),
+        dataset_split,
+        batch_size,
+    )
     return {
-        "frame_ids": np.concatenate(frame_ids).astype(np.int64),
-        "frame_histograms": np.concatenate(histograms).astype(np.float32),
-        "frame_vectors": np.concatenate(vectors).astype(np.float32),
+        "frame_ids": dataset_split.labels.frame_ids.astype(np.int64),
+        "frame_histograms": histograms.mean(axis=1).astype(np.float32),
+        "frame_vectors": vectors.mean(axis=1).astype(np.float32),
     }

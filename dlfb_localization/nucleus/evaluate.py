@@ -17,8 +17,8 @@ import numpy as np
 from flax.training.train_state import TrainState
 
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.embeddings import iterate_inference_batches
 from dlfb_localization.files import write_json
+from dlfb_localization.inference import iterate_inference_batches, map_frames
 from dlfb_localization.nucleus.train import (
     check_split,
     count_embedded_proteins,
@@ -182,29 +182,31 @@ def evaluate_predictions(
             '(exclusive_by="fov_id"), not by protein'
         )
 
-    names = [*models, BASELINE]
-    scores = {name: {"correlation": [], "mse": []} for name in names}
-    for batch, n in iterate_inference_batches(test_split, batch_size):
-        codes = np.zeros(len(batch["images"]), np.int32)
-        codes[:n] = batch["labels"]
-        real = np.asarray(split_channels(batch["images"], image_size)[1])[:n, ..., 0]
+    def score(images: np.ndarray, codes: np.ndarray) -> dict[str, dict]:
+        """Per-frame scores of every model and the baseline, for one batch
+        (padded frames score too; `map_frames` drops them)."""
+        real = np.asarray(split_channels(images, image_size)[1])[..., 0]
         predictions = {
-            name: predict_images(state, batch["images"], codes, image_size)[:n]
+            name: predict_images(state, images, codes, image_size)
             for name, state in models.items()
         }
-        predictions[BASELINE] = mean_images[codes[:n]]
-        for name, predicted in predictions.items():
-            scores[name]["correlation"].append(
-                compute_pixel_correlation(predicted, real)
-            )
-            scores[name]["mse"].append(
-                np.mean(np.square(predicted - real), axis=(1, 2), dtype=np.float64)
-            )
-    # Batches come in frame-id order, as the split's labels (and `known`) are.
-    scores = {
-        name: {metric: np.concatenate(values) for metric, values in by.items()}
-        for name, by in scores.items()
-    }
+        predictions[BASELINE] = mean_images[codes]
+        return {
+            name: {
+                "correlation": compute_pixel_correlation(predicted, real),
+                "mse": np.mean(
+                    np.square(predicted - real), axis=(1, 2), dtype=np.float64
+                ),
+            }
+            for name, predicted in predictions.items()
+        }
+
+    # In frame-id order, as the split's labels (and `known`) are. Scored batch
+    # by batch: a split's predicted images need not fit in memory at once.
+    scores = map_frames(
+        score, test_split, batch_size, test_split.labels.codes.astype(np.int32)
+    )
+    scores = {name: scores[name] for name in (*models, BASELINE)}  # models first
     localizations = test_split.labels.localizations("predominant", restrict=False)
     result = {
         "n_frames": int(known.sum()),

@@ -1,9 +1,11 @@
-"""UMAP projections of frame embeddings, aligned across models, and their plots."""
+"""Plots of UMAP projections of frame embeddings, aligned across models.
 
-import itertools
-import warnings
+The projections are computed in `dlfb_localization.projection`; this module
+re-exports `calculate_projection`, `Projection` and `frame_id_relations`
+under the chapter's import path and only draws.
+"""
+
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -13,6 +15,11 @@ from matplotlib.lines import Line2D
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.localizations import LOCALIZATIONS_OF_INTEREST
 from dlfb_localization.embeddings import frame_rows
+from dlfb_localization.projection import (
+    Projection,
+    calculate_projection,
+    frame_id_relations,
+)
 
 __all__ = [
     "LOCALIZATION_COLORS",
@@ -37,142 +44,6 @@ LOCALIZATION_COLORS = {
     "nucleolus_gc": "#2ca02c",
 }
 OTHER_COLOR = "#c7c7c7"
-
-
-class Projection(NamedTuple):
-    """A 2-D projection of frames.
-
-    Attributes:
-      frame_ids: `[n]` int64 frame ids, in the order of the embeddings.
-      coordinates: `[n, 2]` float32 positions.
-    """
-
-    frame_ids: np.ndarray
-    coordinates: np.ndarray
-
-
-def frame_id_relations(
-    frame_ids_a: np.ndarray, frame_ids_b: np.ndarray
-) -> dict[int, int]:
-    """AlignedUMAP relations between two embedding sets: row in a -> row in b.
-
-    Rows are matched by frame id, not by position, so two sets in different
-    orders (or with different frames) are still aligned frame by frame.
-
-    Args:
-      frame_ids_a: `[n_a]` frame ids of the first set (unique).
-      frame_ids_b: `[n_b]` frame ids of the second set (unique).
-
-    Returns:
-      `{row_a: row_b}` for every frame id the two sets share.
-    """
-    frame_ids_a, frame_ids_b = np.asarray(frame_ids_a), np.asarray(frame_ids_b)
-    for ids in (frame_ids_a, frame_ids_b):
-        if len(np.unique(ids)) != len(ids):
-            raise ValueError("frame ids within one embedding set must be unique")
-    _, rows_a, rows_b = np.intersect1d(
-        frame_ids_a, frame_ids_b, assume_unique=True, return_indices=True
-    )
-    return dict(zip(rows_a.tolist(), rows_b.tolist(), strict=True))
-
-
-def _is_single(frame_embeddings: Mapping) -> bool:
-    return "frame_ids" in frame_embeddings
-
-
-def calculate_projection(
-    frame_embeddings: Mapping,
-    *,
-    random_state: int = 42,
-    feature: str = "frame_histograms",
-    metric: str = "euclidean",
-    n_neighbors: int = 15,
-    min_dist: float = 0.1,
-) -> Projection | dict[str, Projection]:
-    """UMAP of one embedding set, or AlignedUMAP of several.
-
-    For one set (the dict `get_frame_embeddings` returns) this is a plain UMAP.
-    For a dict of name -> set (e.g. models with and without the classification
-    head, as in the chapter), an AlignedUMAP keeps frames that the sets share
-    at similar positions in every panel, so the panels can be compared; frames
-    are matched by frame id (`frame_id_relations`), so the sets need not be in
-    the same order.
-
-    UMAP runs single-threaded with `random_state`, so results are reproducible.
-    The first call in a process compiles UMAP's numba code (tens of seconds).
-
-    Args:
-      frame_embeddings: one `get_frame_embeddings` dict, or name -> such dicts.
-      random_state: seed of UMAP.
-      feature: which per-frame array to project ("frame_histograms", the
-        chapter's, or "frame_vectors").
-      metric: UMAP's distance ("euclidean" as in the chapter; `evaluate` scores
-        histograms with "cosine").
-      n_neighbors: UMAP's neighbourhood size (capped below the set size).
-      min_dist: UMAP's minimum distance between embedded points.
-
-    Returns:
-      A `Projection` for one set; name -> `Projection` (same order) for several.
-    """
-    import umap  # numba compiles on first use; keep it off the import path
-
-    if _is_single(frame_embeddings):
-        features = np.asarray(frame_embeddings[feature], dtype=np.float32)
-        reducer = umap.UMAP(
-            n_components=2,
-            n_neighbors=max(2, min(n_neighbors, len(features) - 1)),
-            min_dist=min_dist,
-            metric=metric,
-            random_state=random_state,
-            n_jobs=1,
-        )
-        return Projection(
-            frame_ids=np.asarray(frame_embeddings["frame_ids"], dtype=np.int64),
-            coordinates=reducer.fit_transform(features).astype(np.float32),
-        )
-
-    names = list(frame_embeddings)
-    if len(names) < 2:
-        raise ValueError(
-            "pass one get_frame_embeddings dict, or a dict of at least two of them "
-            f"to align; got the name(s) {names}"
-        )
-    sets = [frame_embeddings[name] for name in names]
-    relations = [
-        frame_id_relations(a["frame_ids"], b["frame_ids"])
-        for a, b in itertools.pairwise(sets)
-    ]
-    for (name_a, name_b), relation in zip(
-        itertools.pairwise(names), relations, strict=True
-    ):
-        if not relation:
-            raise ValueError(
-                f"{name_a!r} and {name_b!r} share no frame id, so there is nothing "
-                "to align them by; embed the same split with both models"
-            )
-    smallest = min(len(s["frame_ids"]) for s in sets)
-    reducer = umap.AlignedUMAP(
-        n_components=2,
-        n_neighbors=max(2, min(n_neighbors, smallest - 1)),
-        min_dist=min_dist,
-        metric=metric,
-        random_state=random_state,
-    )
-    with warnings.catch_warnings():
-        # AlignedUMAP builds UMAPs with n_jobs=-1 and a seed, so umap warns that
-        # it runs single-threaded: that is the reproducibility asked for.
-        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
-        reducer.fit(
-            [np.asarray(s[feature], dtype=np.float32) for s in sets],
-            relations=relations,
-        )
-    return {
-        name: Projection(
-            frame_ids=np.asarray(s["frame_ids"], dtype=np.int64),
-            coordinates=np.asarray(coordinates, dtype=np.float32),
-        )
-        for name, s, coordinates in zip(names, sets, reducer.embeddings_, strict=True)
-    }
 
 
 def _highlighted_frames(
