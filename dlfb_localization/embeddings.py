@@ -24,6 +24,7 @@ from dlfb_localization.inference import iterate_inference_batches, map_frames
 from dlfb_localization.model.quantizer import count_codes
 
 __all__ = [
+    "EMBEDDING_KINDS",
     "aggregate_by_protein",
     "aggregate_localizations",
     "aggregate_proteins",
@@ -31,10 +32,12 @@ __all__ = [
     "compute_codebook_health",
     "correlate_codes",
     "count_codes",
+    "embedding_metric",
     "frame_protein_ids",
     "frame_rows",
     "get_frame_embeddings",
     "iterate_inference_batches",  # from `inference`; documented here first
+    "named_embeddings",
     "protein_localizations",
 ]
 
@@ -95,6 +98,40 @@ def compute_codebook_health(code_counts: np.ndarray) -> dict[str, float]:
         "max_share": float(probs.max()),
         "num_embeddings": len(counts),
     }
+
+
+# What each per-frame embedding a model's `summarise_frames` returns is called
+# in evaluations, and the distance it is compared with. Histograms: Hellinger,
+# the Euclidean distance between the square roots of the code-use
+# distributions (`hellinger_features`); mean quantized vectors are continuous
+# features whose magnitudes mean something: Euclidean. A level's embeddings
+# carry its suffix (`frame_histograms_global`); the finest level's carry none.
+EMBEDDING_KINDS = {
+    "frame_histograms": ("codebook_histogram", "hellinger"),
+    "frame_vectors": ("mean_quantized", "euclidean"),
+}
+
+
+def named_embeddings(keys) -> dict[str, str]:
+    """`{evaluation name: embedding key}` of the per-frame embeddings among
+    `keys`, finest level first: `frame_histograms` is "codebook_histogram",
+    `frame_vectors_global` is "global_mean_quantized"."""
+    found = {}
+    for key in keys:
+        for position, (base, (kind, _)) in enumerate(EMBEDDING_KINDS.items()):
+            if key == base or key.startswith(base + "_"):
+                level = key[len(base) + 1 :]
+                name = f"{level}_{kind}" if level else kind
+                found[(level != "", level, position)] = (name, key)
+    return dict(found[order] for order in sorted(found))
+
+
+def embedding_metric(name: str) -> str:
+    """The distance an evaluation name (`named_embeddings`) is compared with."""
+    for kind, metric in EMBEDDING_KINDS.values():
+        if name == kind or name.endswith("_" + kind):
+            return metric
+    raise KeyError(f"{name!r} is not a per-frame embedding's name")
 
 
 def get_frame_embeddings(

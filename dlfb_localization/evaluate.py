@@ -31,11 +31,14 @@ from sklearn.neighbors import NearestNeighbors
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.embeddings import (
+    EMBEDDING_KINDS,
     aggregate_by_protein,
     compute_codebook_health,
+    embedding_metric,
     frame_protein_ids,
     get_frame_embeddings,
     hellinger_features,
+    named_embeddings,
     protein_localizations,
 )
 from dlfb_localization.files import write_json
@@ -58,32 +61,22 @@ __all__ = [
     "score_majority",
 ]
 
-# Distance used for each embedding, by k-NN and by the cluster score's UMAP.
-# Histograms: Hellinger, the Euclidean distance between the square roots of the
-# code-use distributions (each histogram divided by its sum). A histogram is a
-# distribution over codes, and the square root stabilizes count variance: a
-# few busy codes (background, the nucleus) no longer outweigh the rarer codes
-# that tell patterns apart. Measured on the demo's 150 unseen proteins (seed 0,
-# three trainings: head weight 0, 0.1 and 1), it raised a trained model's
-# protein-level 5-NN from 0.69-0.71 (cosine of raw counts) to 0.74-0.79, and
-# lowered the untrained model's from 0.71 to 0.67.
-# Mean vectors and PCA scores are continuous features whose magnitudes mean
-# something, so they use Euclidean distance.
-EMBEDDING_METRICS = {
-    "codebook_histogram": "hellinger",
-    "mean_quantized": "euclidean",
-    "global_codebook_histogram": "hellinger",
-    "global_mean_quantized": "euclidean",
-    "pixels_pca": "euclidean",
-}
-# The embeddings `get_frame_embeddings` returns, by their name in `evaluate`;
-# the global level's exist for `CytoselfModel` only.
-_FRAME_EMBEDDINGS = {
-    "codebook_histogram": "frame_histograms",
-    "mean_quantized": "frame_vectors",
-    "global_codebook_histogram": "frame_histograms_global",
-    "global_mean_quantized": "frame_vectors_global",
-}
+# Distance used for each embedding, by k-NN and by the cluster score's UMAP:
+# the per-frame embeddings' (`embeddings.EMBEDDING_KINDS`: Hellinger for code
+# histograms, Euclidean for mean quantized vectors, at every level) and
+# Euclidean for the pixels' PCA scores. Measured on the demo's 150 unseen
+# proteins (seed 0, three trainings: head weight 0, 0.1 and 1), Hellinger
+# raised a trained model's protein-level 5-NN from 0.69-0.71 (cosine of raw
+# counts) to 0.74-0.79, and lowered the untrained model's from 0.71 to 0.67:
+# the square root stabilizes count variance, so a few busy codes (background,
+# the nucleus) no longer outweigh the rarer codes that tell patterns apart.
+EMBEDDING_METRICS = {**dict(EMBEDDING_KINDS.values()), "pixels_pca": "euclidean"}
+
+
+def _metric(name: str) -> str:
+    return EMBEDDING_METRICS.get(name) or embedding_metric(name)
+
+
 # Label sets, as `(Labels.localizations mode, restrict to the chapter's nine)`:
 # "all", every protein by its predominant localization; "nine", only proteins
 # whose predominant localization is one of the chapter's nine; "single", only
@@ -428,8 +421,7 @@ def evaluate(
     assert np.array_equal(pca["frame_ids"], frame_ids)
     features = {
         name: embeddings[key].astype(np.float32)
-        for name, key in _FRAME_EMBEDDINGS.items()
-        if key in embeddings
+        for name, key in named_embeddings(embeddings).items()
     }
     features["pixels_pca"] = pca["features"]
     result: dict = {
@@ -441,22 +433,19 @@ def evaluate(
             "frame_neighbours": "leave-one-protein-out",
             "protein_neighbours": "leave-one-out",
             "labels": "predominant localization (first name of loc_grade1)",
-            "metrics": dict(EMBEDDING_METRICS),
+            "metrics": {name: _metric(name) for name in features},
             "pca_components": int(pca["features"].shape[1]),
             "umap": {"n_neighbors": UMAP_NEIGHBORS, "min_dist": UMAP_MIN_DIST},
         },
         **_score_localization_knn(dataset_split, frame_ids, features, k),
         "cluster_score": _score_clusters(dataset_split, features, random_state),
-        "codebook": compute_codebook_health(embeddings["frame_histograms"].sum(axis=0)),
-        **(
-            {
-                "codebook_global": compute_codebook_health(
-                    embeddings["frame_histograms_global"].sum(axis=0)
-                )
-            }
-            if "frame_histograms_global" in embeddings
-            else {}
-        ),
+        **{
+            "codebook" + key.removeprefix("frame_histograms"): compute_codebook_health(
+                embeddings[key].sum(axis=0)
+            )
+            for key in named_embeddings(embeddings).values()
+            if key.startswith("frame_histograms")
+        },
         "reconstruction_mse": compute_reconstruction_mse(
             state, dataset_split, batch_size
         ),
@@ -522,9 +511,7 @@ def _score_level(
     labels, groups = labels[mask], groups[mask]
     enough = len(np.unique(labels)) >= 2 and len(np.unique(groups)) >= 2
     scores: dict[str, dict[str, float] | None] = {
-        name: score_knn(
-            values[mask], labels, groups, k=k, metric=EMBEDDING_METRICS[name]
-        )
+        name: score_knn(values[mask], labels, groups, k=k, metric=_metric(name))
         if enough
         else None
         for name, values in features.items()
@@ -547,7 +534,7 @@ def _score_clusters(
             for mode in subsets:
                 scores[mode][name] = None
             continue
-        points, metric = to_metric_space(values, EMBEDDING_METRICS[name])
+        points, metric = to_metric_space(values, _metric(name))
         coordinates = project_2d(points, metric=metric, random_state=random_state)
         for mode, labels in subsets.items():
             mask = labels != ""

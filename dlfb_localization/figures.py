@@ -16,6 +16,7 @@ from dlfb_localization.embeddings import (
     aggregate_proteins,
     cluster_feature_spectrums,
     get_frame_embeddings,
+    named_embeddings,
 )
 from dlfb_localization.inspect.codebook import plot_codebook_usage
 from dlfb_localization.inspect.embeddings.clustering import (
@@ -127,14 +128,13 @@ def write_model_figures(
             fig = plot_perplexity(metrics)
             fig.suptitle(titles[name], y=1.02)
             save(f"perplexity_{name}", fig)
-        # The chapter's one level; a `CytoselfModel`'s global level as well.
-        for level, key in (
-            ("", "frame_histograms"),
-            ("_global", "frame_histograms_global"),
-        ):
-            if key not in embeddings[name]:
+        # Every level's codes: the chapter's one; a `CytoselfModel`'s global
+        # level as well (`<name>_global`).
+        for key in named_embeddings(embeddings[name]).values():
+            if not key.startswith("frame_histograms"):
                 continue
-            title = titles[name] + (" (global codes)" if level else "")
+            level = key.removeprefix("frame_histograms")
+            title = titles[name] + (f" ({level[1:]} codes)" if level else "")
             _save_spectra(
                 save,
                 f"{name}{level}",

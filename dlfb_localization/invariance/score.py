@@ -18,7 +18,7 @@ import numpy as np
 from flax.training.train_state import TrainState
 
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.embeddings import hellinger_features
+from dlfb_localization.embeddings import EMBEDDING_KINDS, hellinger_features
 from dlfb_localization.inference import map_frames
 from dlfb_localization.orientation import D4_ORDER, d4_orbit, rotate
 
@@ -29,10 +29,8 @@ __all__ = [
     "orbit_pooled_embeddings",
 ]
 
-# The distance each embedding is compared with: those of the protein-level
-# k-NN (`evaluate.EMBEDDING_METRICS`; a test keeps the two equal). Not imported
-# from there, to keep scikit-learn out of this package's imports.
-EMBEDDING_METRICS = {"codebook_histogram": "hellinger", "mean_quantized": "euclidean"}
+# The distance each embedding is compared with, as in the k-NN.
+EMBEDDING_METRICS = dict(EMBEDDING_KINDS.values())
 # Angles that no pixel permutation reaches.
 DEFAULT_ANGLES = (15.0, 30.0, 45.0, 60.0)
 
