@@ -1,14 +1,16 @@
 """Epoch checkpoints of a training run with Orbax, and when to trust them.
 
 A checkpoint is one Orbax step (numbered by the optimizer step) with two items:
-"state", the `TrainState` arrays, and "meta", JSON holding the run's
-configuration, the last finished epoch and the metrics so far. Nothing is
+"state", the train state's arrays (a `TrainState`'s, or e.g. the GAN's pair of
+them), and "meta", JSON holding the run's configuration, the last finished
+epoch and the metrics so far. `loop.fit` writes one after every epoch. Nothing is
 pickled. Orbax writes each step into a temporary folder and renames it into
 place only when complete, so a crash mid-save leaves no step that can be
 restored; the previous step stays valid.
 
 The configuration records everything that decides the result and can be
-recorded (`build_run_config`). A stored run is used only if its configuration
+recorded (`build_run_config` for the VQ families; other families build theirs
+from `describe_train_state`). A stored run is used only if its configuration
 matches; otherwise `ConfigMismatchError` names the differing fields.
 """
 
@@ -180,13 +182,9 @@ def build_run_config(
     Returns:
       A JSON-ready dict.
     """
-    opt_leaves, opt_structure = jax.tree.flatten(state.opt_state)
-    probe_gradient = jax.tree.map(jnp.ones_like, state.params)
-    probe_update, _ = jax.jit(state.tx.update)(
-        probe_gradient, state.opt_state, state.params
-    )
+    described = describe_train_state(state)
     config = {
-        "model": _describe_model(state),
+        "model": described["model"],
         "num_epochs": num_epochs,
         "batch_size": batch_size,
         "classification_weight": classification_weight,
@@ -194,19 +192,49 @@ def build_run_config(
         "augment": augment,
         "data": {name: dataset_splits[name].fingerprint for name in ("train", "valid")},
         "input_shape": list(dataset_splits["train"].image_shape),
-        "rng": np.asarray(jax.random.key_data(rng)).tolist(),
-        "optimizer": {
-            "state_structure": str(opt_structure),
-            "state_shapes": [
-                [list(np.shape(x)), str(getattr(x, "dtype", type(x).__name__))]
-                for x in opt_leaves
-            ],
-            "probe_update": _fingerprint(probe_update),
-        },
-        "init_params": _fingerprint(state.params),
+        "rng": rng_record(rng),
+        "optimizer": described["optimizer"],
+        "init_params": described["init_params"],
     }
     # Plain types (tuples as lists), so it compares equal to what JSON reads back.
     return _to_json(config)
+
+
+def describe_train_state(state: TrainState) -> dict[str, Any]:
+    """What decides a run about its initial `TrainState`, as plain JSON.
+
+    Returns:
+      `{"model": class and hyperparameters, "optimizer": {"state_structure",
+      "state_shapes", "probe_update"}, "init_params": fingerprint}`, where
+      "probe_update" fingerprints the update the optimizer makes from the
+      state for a gradient of ones (it catches e.g. a changed learning rate,
+      which optax hides in closures). `find_config_differences` compares the
+      fingerprints up to float rounding wherever they sit in a configuration.
+    """
+    opt_leaves, opt_structure = jax.tree.flatten(state.opt_state)
+    probe_gradient = jax.tree.map(jnp.ones_like, state.params)
+    probe_update, _ = jax.jit(state.tx.update)(
+        probe_gradient, state.opt_state, state.params
+    )
+    return _to_json(
+        {
+            "model": _describe_model(state),
+            "optimizer": {
+                "state_structure": str(opt_structure),
+                "state_shapes": [
+                    [list(np.shape(x)), str(getattr(x, "dtype", type(x).__name__))]
+                    for x in opt_leaves
+                ],
+                "probe_update": _fingerprint(probe_update),
+            },
+            "init_params": _fingerprint(state.params),
+        }
+    )
+
+
+def rng_record(rng: jax.Array) -> list:
+    """A run's JAX key as JSON (its key data)."""
+    return np.asarray(jax.random.key_data(rng)).tolist()
 
 
 # Settings added after runs were already written, with the value those runs
@@ -225,12 +253,13 @@ def find_config_differences(stored: Any, current: Any, path: str = "") -> list[s
     Returns:
       e.g. `["batch_size: stored 4, now 8"]`; empty when the runs match.
     """
-    if path in _FINGERPRINT_FIELDS and isinstance(stored, Mapping):
+    field = _fingerprint_field(path)
+    if field is not None and isinstance(stored, Mapping):
         if isinstance(current, Mapping) and _same_fingerprint(stored, current):
             if stored.get("sha256") != current.get("sha256"):
                 logger.info("%s equal up to float rounding (another backend?)", path)
             return []
-        return [f"{path}: {_FINGERPRINT_FIELDS[path]}"]
+        return [f"{path}: {_FINGERPRINT_FIELDS[field]}"]
     if isinstance(stored, Mapping) and isinstance(current, Mapping):
         differences = []
         for key in sorted(set(stored) | set(current)):
@@ -250,6 +279,15 @@ def find_config_differences(stored: Any, current: Any, path: str = "") -> list[s
     if stored != current:
         return [f"{path}: stored {_shorten(stored)}, now {_shorten(current)}"]
     return []
+
+
+def _fingerprint_field(path: str) -> str | None:
+    """The fingerprint field `path` is, at the top or inside a section (e.g. a
+    GAN's "generator.init_params"), or None."""
+    for field in _FINGERPRINT_FIELDS:
+        if path == field or path.endswith(f".{field}"):
+            return field
+    return None
 
 
 def _shorten(value: Any, limit: int = 80) -> str:

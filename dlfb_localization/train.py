@@ -1,7 +1,7 @@
-"""Training: one loss function, the jitted steps and the epoch loop."""
+"""Training of the VQ families: one loss function, the jitted steps, and `train`,
+which runs them through the shared epoch loop (`loop.fit`)."""
 
 import functools
-import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -11,21 +11,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.training.train_state import TrainState
-from tqdm.auto import tqdm
 
 from dlfb_localization import checkpoint
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.dataset.prefetch import prefetch_to_device
 from dlfb_localization.health import (
     TrainingHealthWarning,
     check_health,
     health_metrics,
 )
+from dlfb_localization.loop import (
+    DataParallel,
+    NonFiniteLossError,
+    check_batch_size,
+    check_epochs,
+    fit,
+)
 from dlfb_localization.metrics import History, MetricsLogger
 from dlfb_localization.model.interface import FamilyOutputs, model_of, usage_metrics
 from dlfb_localization.orientation import AUGMENT_MODES, random_orientation
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "DataParallel",
@@ -40,10 +43,6 @@ __all__ = [
 ]
 
 Batch = Mapping[str, np.ndarray | jax.Array]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A logged loss was NaN or infinite; training stopped before checkpointing."""
 
 
 def compute_losses(
@@ -276,77 +275,6 @@ def eval_step(
     return metrics
 
 
-class DataParallel:
-    """Data parallelism over all local devices: one code path for one or many.
-
-    Parameters and optimizer state are replicated on every device and each batch
-    is split along its first axis; `jit` then compiles one SPMD program whose
-    gradients are averaged across devices by XLA. With one device this is plain
-    single-device training. For several hosts, call `jax.distributed.initialize()`
-    first on every host: `jax.devices()` then spans all of them and each host
-    must feed the same global batches (the data order is a pure function of the
-    seed, so it does).
-    """
-
-    def __init__(self, devices=None):
-        devices = jax.devices() if devices is None else devices
-        mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-        self.n_devices = len(devices)
-        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self.batch = jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec("data")
-        )
-
-    def place_state(self, state: TrainState) -> TrainState:
-        """A copy of `state` replicated on every device.
-
-        The steps donate their input, so the copy keeps the caller's arrays alive;
-        Orbax restores into the same placement, so a resumed run compiles the
-        steps once.
-        """
-
-        def copy(x):
-            if not isinstance(x, jax.Array):
-                # e.g. `TrainState.create`'s Python int step: a strong int32 array,
-                # as a restored one.
-                x = jnp.asarray(np.asarray(x))
-            return jax.device_put(x, self.replicated, may_alias=False)
-
-        return jax.tree.map(copy, state)
-
-    def batch_sharding(self, batch_size: int) -> jax.sharding.Sharding:
-        """Split a batch over the devices, or replicate one that does not divide
-        (the last, partial validation batch)."""
-        return self.batch if batch_size % self.n_devices == 0 else self.replicated
-
-
-def _model_inputs(batch: Batch) -> dict[str, np.ndarray | jax.Array]:
-    # Frame ids are int64 bookkeeping the step never reads; leave them on the host.
-    return {"images": batch["images"], "labels": batch["labels"]}
-
-
-def _check_finite(
-    values: dict[str, dict[str, np.ndarray]], epoch: int, first_step: int
-) -> None:
-    """Raises `NonFiniteLossError` naming the epoch and steps of a bad loss."""
-    train_losses = values.get("train", {}).get("total_loss", np.array([]))
-    bad = np.flatnonzero(~np.isfinite(train_losses))
-    if bad.size:
-        raise NonFiniteLossError(
-            f"non-finite training loss in epoch {epoch}: first at step "
-            f"{first_step + bad[0]} ({bad.size} of steps {first_step}-"
-            f"{first_step + train_losses.size - 1}); this epoch was not "
-            "checkpointed, the last checkpoint (if any) is unchanged"
-        )
-    valid_losses = values.get("valid", {}).get("total_loss", np.array([]))
-    if not np.all(np.isfinite(valid_losses)):
-        raise NonFiniteLossError(
-            f"non-finite validation loss after epoch {epoch} (training steps "
-            f"{first_step}-{first_step + train_losses.size - 1}); this epoch was "
-            "not checkpointed, the last checkpoint (if any) is unchanged"
-        )
-
-
 def _check_classes(state: TrainState, dataset_splits: dict[str, Dataset]) -> None:
     # An out-of-range label makes the cross-entropy NaN, which would surface
     # only as a non-finite loss at the end of the first epoch.
@@ -371,10 +299,7 @@ def _check_arguments(
     missing = {"train", "valid"} - set(dataset_splits)
     if missing:
         raise ValueError(f"dataset_splits needs the splits {sorted(missing)}")
-    if num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
-    if eval_every < 1:
-        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    check_epochs(num_epochs, eval_every)
     if augment not in AUGMENT_MODES:
         raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {augment!r}")
     n_devices = jax.device_count()
@@ -383,11 +308,7 @@ def _check_arguments(
             f"batch_size {batch_size} must be a multiple of the {n_devices} devices "
             "the batch is split over"
         )
-    if not 1 <= batch_size <= len(dataset_splits["train"]):
-        raise ValueError(
-            f"batch_size must be in [1, {len(dataset_splits['train'])}] (the train "
-            f"split's size, as the last partial batch is dropped), got {batch_size}"
-        )
+    check_batch_size(batch_size, len(dataset_splits["train"]))
 
 
 def _watch_health(history: MetricsLogger, epoch: int) -> str:
@@ -404,8 +325,9 @@ def _watch_health(history: MetricsLogger, epoch: int) -> str:
     history.record("train", epoch, flags)
     for issue in issues:
         if not previous.get(f"health_{issue.check}"):
+            # Attributed to the caller of `train` (here <- loop.fit <- train).
             warnings.warn(
-                f"epoch {epoch + 1}: {issue.message}", TrainingHealthWarning, 3
+                f"epoch {epoch + 1}: {issue.message}", TrainingHealthWarning, 4
             )
     text = history.latest(["total_loss", "perplexity"])
     failed = sorted({issue.check for issue in issues})
@@ -477,68 +399,38 @@ def train(
     rng_data, rng_dropout = jax.random.split(rng)
     weight = jnp.float32(classification_weight)
     microbatches = default_microbatches(batch_size, parallel.n_devices)
-    history = MetricsLogger()
-    start_epoch = 0
-    manager = None
-    try:
-        if store_path is not None:
-            config = checkpoint.build_run_config(
-                state,
-                rng,
-                dataset_splits,
-                num_epochs=num_epochs,
-                batch_size=batch_size,
-                classification_weight=classification_weight,
-                eval_every=eval_every,
-                augment=augment,
-            )
-            manager = checkpoint.open_manager(store_path)
-            resumed = checkpoint.restore_run(manager, state, config)
-            if resumed is not None:
-                state = resumed.state
-                history = MetricsLogger(resumed.metrics)
-                start_epoch = resumed.epoch + 1
-                if start_epoch >= num_epochs:
-                    logger.info("restored the finished run in %s", store_path)
-                    return state, history.export()
-                logger.info("resuming %s at epoch %d", store_path, start_epoch)
-
-        epochs = tqdm(
-            range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs
+    config = None
+    if store_path is not None:
+        config = checkpoint.build_run_config(
+            state,
+            rng,
+            dataset_splits,
+            num_epochs=num_epochs,
+            batch_size=batch_size,
+            classification_weight=classification_weight,
+            eval_every=eval_every,
+            augment=augment,
         )
-        for epoch in epochs:
-            epochs.set_description(f"Epoch {epoch + 1}")
-            first_step = int(state.step)
-            batches = dataset_splits["train"].get_batches(
-                jax.random.fold_in(rng_data, epoch), batch_size
-            )
-            # Reads and host-to-device copies overlap with the running step.
-            sharding = parallel.batch_sharding(batch_size)
-            for batch in prefetch_to_device(batches, device=sharding):
-                state, metrics = train_step(
-                    state,
-                    _model_inputs(batch),
-                    rng_dropout,
-                    weight,
-                    microbatches,
-                    augment,
-                )
-                history.log_step("train", metrics, weight=len(batch["labels"]))
 
-            if epoch % eval_every == 0 or epoch == num_epochs - 1:
-                for batch in dataset_splits["valid"].get_batches(
-                    rng_data, batch_size, shuffle=False, drop_remainder=False
-                ):
-                    sharding = parallel.batch_sharding(len(batch["labels"]))
-                    inputs = jax.device_put(_model_inputs(batch), sharding)
-                    metrics = eval_step(state, inputs, weight)
-                    history.log_step("valid", metrics, weight=len(batch["labels"]))
+    # The steps with this run's arguments (looked up per call: tests replace them).
+    def step(state: TrainState, batch: Batch):
+        return train_step(state, batch, rng_dropout, weight, microbatches, augment)
 
-            _check_finite(history.flush(epoch), epoch, first_step)
-            epochs.set_postfix_str(_watch_health(history, epoch))
-            if manager is not None:
-                checkpoint.save_epoch(manager, state, epoch, config, history.export())
-    finally:
-        if manager is not None:
-            manager.close()
-    return state, history.export()
+    def evaluate(state: TrainState, batch: Batch):
+        return eval_step(state, batch, weight)
+
+    return fit(
+        state,
+        step,
+        dataset_splits["train"],
+        rng_data,
+        num_epochs=num_epochs,
+        batch_size=batch_size,
+        parallel=parallel,
+        evaluate=evaluate,
+        eval_split=dataset_splits["valid"],
+        eval_every=eval_every,
+        on_epoch=_watch_health,
+        store_path=store_path,
+        config=config,
+    )

@@ -1,6 +1,8 @@
 """Predicting the protein image from the nucleus: U-Net, pix2pix, evaluation, CLI."""
 
 import json
+import logging
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -8,8 +10,10 @@ import optax
 import pytest
 from scipy import ndimage
 
+from dlfb_localization.checkpoint import ConfigMismatchError
 from dlfb_localization.cli import main
 from dlfb_localization.dataset import Dataset
+from dlfb_localization.nucleus import train as nucleus_train
 from dlfb_localization.nucleus.evaluate import (
     BASELINE,
     compute_mean_images,
@@ -20,6 +24,7 @@ from dlfb_localization.nucleus.evaluate import (
 from dlfb_localization.nucleus.figures import plot_predictions
 from dlfb_localization.nucleus.model import ConditionalUNet, PatchDiscriminator
 from dlfb_localization.nucleus.train import (
+    GANState,
     create_gan_state,
     create_unet_state,
     train_gan,
@@ -237,3 +242,128 @@ def test_cli_predict_writes_its_files_and_restores_on_a_rerun(tiny_release, tmp_
     assert main(args) == 0  # restored, not retrained: the same numbers
     assert json.loads((out / "evaluation.json").read_text()) == result
     assert main([*args, "--learning-rate", "0.01"]) == 2  # another model, same folder
+
+
+# Checkpointed runs: two steps of 16 frames an epoch (the batch the tests above
+# compile for).
+CHECKPOINTED = {"batch_size": 16, "image_size": SIZE}
+
+
+class _Interrupted(Exception):
+    """Stands in for a kill in the middle of an epoch."""
+
+
+def _steps_on_disk(path: Path) -> list[int]:
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+
+
+def _snapshot(path: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _assert_same_leaves(a, b) -> None:
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bitwise
+
+
+def _forbid(monkeypatch, step_name: str) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("a step ran, but the run should have been restored")
+
+    monkeypatch.setattr(nucleus_train, step_name, fail)
+
+
+def test_an_interrupted_unet_run_resumes_and_ends_identical(
+    unet_state, tmp_path, monkeypatch, caplog
+):
+    split, rng = make_split(32, seed=0), jax.random.PRNGKey(1)
+    reference_state, reference_history = train_unet(
+        unet_state, rng, split, num_epochs=2, **CHECKPOINTED
+    )
+    store = tmp_path / "unet"
+    step, calls = nucleus_train.unet_train_step, []
+
+    def interrupted(state, batch, image_size):
+        if len(calls) == 2:  # the first step of epoch 1
+            raise _Interrupted
+        calls.append(1)
+        return step(state, batch, image_size)
+
+    monkeypatch.setattr(nucleus_train, "unet_train_step", interrupted)
+    with pytest.raises(_Interrupted):
+        train_unet(
+            unet_state, rng, split, num_epochs=2, store_path=store, **CHECKPOINTED
+        )
+    monkeypatch.undo()
+    assert _steps_on_disk(store) == [2]  # epoch 0's checkpoint only
+
+    with caplog.at_level(logging.INFO, logger="dlfb_localization"):
+        state, history = train_unet(
+            unet_state, rng, split, num_epochs=2, store_path=store, **CHECKPOINTED
+        )
+
+    assert any("resuming" in record.getMessage() for record in caplog.records)
+    assert int(state.step) == int(reference_state.step) == 4
+    _assert_same_leaves(state.params, reference_state.params)
+    _assert_same_leaves(state.opt_state, reference_state.opt_state)
+    assert history == reference_history
+    assert [r["epoch"] for r in history["train"]["mse"]] == [0, 1]
+    assert _steps_on_disk(store) == [2, 4]
+
+
+def test_a_finished_unet_run_is_restored_and_another_is_refused_by_name(
+    unet_state, tmp_path, monkeypatch
+):
+    split, rng = make_split(32, seed=0), jax.random.PRNGKey(1)
+    store = tmp_path / "unet"
+    run = {"num_epochs": 1, "store_path": store, **CHECKPOINTED}
+    trained, history = train_unet(unet_state, rng, split, settings={"seed": 0}, **run)
+    before = _snapshot(store)
+    _forbid(monkeypatch, "unet_train_step")
+
+    state, again = train_unet(unet_state, rng, split, settings={"seed": 0}, **run)
+
+    assert int(state.step) == 2
+    _assert_same_leaves(state, trained)
+    assert again == history
+    with pytest.raises(ConfigMismatchError, match="batch_size: stored 16, now 8"):
+        train_unet(unet_state, rng, split, **{**run, "batch_size": 8})
+    with pytest.raises(ConfigMismatchError, match=r"settings\.seed: stored 0, now 1"):
+        train_unet(unet_state, rng, split, settings={"seed": 1}, **run)
+    other_init = create_unet_state(MODEL, jax.random.PRNGKey(5), SIZE, TX)
+    with pytest.raises(ConfigMismatchError, match="init_params"):
+        train_unet(other_init, rng, split, settings={"seed": 0}, **run)
+    faster = create_unet_state(MODEL, jax.random.PRNGKey(0), SIZE, optax.adam(1e-2))
+    with pytest.raises(ConfigMismatchError, match=r"optimizer\.probe_update"):
+        train_unet(faster, rng, split, settings={"seed": 0}, **run)
+    assert _snapshot(store) == before
+
+
+def test_a_gan_run_checkpoints_both_networks_and_is_restored(
+    gan_state, tmp_path, monkeypatch
+):
+    split, rng = make_split(32, seed=0), jax.random.PRNGKey(1)
+    store = tmp_path / "gan"
+    run = {"num_epochs": 1, "store_path": store, **CHECKPOINTED}
+    trained, history = train_gan(gan_state, rng, split, **run)
+    assert _steps_on_disk(store) == [2]
+    _forbid(monkeypatch, "gan_train_step")
+
+    state, again = train_gan(gan_state, rng, split, **run)
+
+    assert isinstance(state, GANState) and int(state.step) == 2
+    _assert_same_leaves(state, trained)
+    assert again == history
+    with pytest.raises(
+        ConfigMismatchError, match=r"l1_weight: stored 100\.0, now 10\.0"
+    ):
+        train_gan(gan_state, rng, split, l1_weight=10.0, **run)
+    other_init = create_gan_state(MODEL, DISCRIMINATOR, jax.random.PRNGKey(3), SIZE)
+    with pytest.raises(ConfigMismatchError, match=r"discriminator\.init_params: "):
+        train_gan(other_init, rng, split, **run)

@@ -6,7 +6,8 @@ discriminator), scored by pixel correlation on held-out fields of view beside
 each protein's mean image.
 
     model.py     ConditionalUNet (protein embedding, FiLM), PatchDiscriminator
-    train.py     jitted steps and epoch loops for both
+    train.py     jitted steps of both, trained in the shared loop (`loop.fit`):
+                 checkpointed after every epoch, resumable
     evaluate.py  pixel correlation and MSE per localization, with the baseline
     figures.py   nucleus | real | U-Net | GAN grid
     config.py    PredictConfig, the settings of a `predict` run

@@ -1,28 +1,29 @@
 """`dlfb-localization predict`: train, evaluate on held-out fields of view, write.
 
     out/
-      checkpoints/unet  Orbax checkpoint of the U-Net (and checkpoints/gan)
+      checkpoints/unet  Orbax checkpoints of the U-Net, after each epoch (the
+                        last two kept), and checkpoints/gan
       config.json       the PredictConfig
       training.json     each model's loss per epoch
       evaluation.json   `evaluate_predictions` on the test fields of view
       predictions.png   `plot_predictions` of a few test frames
 
-Checkpoints reuse `dlfb_localization.checkpoint`: one step, written after the
-last epoch, with the model's settings and the training history beside it. Run
-again with the same settings, a stored model is restored instead of trained;
-with other settings on the same folder, the run is refused, naming the
-differences.
+Each model is trained in the shared epoch loop (`loop.fit`) with an Orbax
+checkpoint (`dlfb_localization.checkpoint`) written after every epoch, with
+the run's configuration and the training history so far beside it. Run again
+with the same settings, a finished model is restored instead of trained and
+an interrupted one resumes at the epoch after its last checkpoint, ending
+bit-identical to an uninterrupted run; with other settings on the same
+folder, the run is refused, naming the differences.
 """
 
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
 
 import jax
 import optax
 
-from dlfb_localization import checkpoint
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.utils import count_unique_proteins
 from dlfb_localization.figures import save_figure
@@ -43,7 +44,7 @@ __all__ = ["SPLITS", "run_prediction"]
 # Exclusive by field of view: test fields are unseen, their proteins are known.
 SPLITS = {"train": 0.8, "test": 0.2}
 N_FIGURE_FRAMES = 6
-# The settings that decide both models (the data's fingerprint is added).
+# The settings that decide both models (the data's fingerprint is recorded too).
 _SHARED_SETTINGS = (
     "seed",
     "image_size",
@@ -53,20 +54,6 @@ _SHARED_SETTINGS = (
     "num_epochs",
     "batch_size",
 )
-
-
-def _train_or_restore(store: Path, state, train_fn, config: dict[str, Any]):
-    """Restores the model stored under `store` for `config`, or trains it there."""
-    manager = checkpoint.open_manager(store)
-    try:
-        restored = checkpoint.restore_run(manager, state, config)
-        if restored is not None:
-            return restored.state, restored.metrics
-        state, history = train_fn(state)
-        checkpoint.save_epoch(manager, state, config["num_epochs"] - 1, config, history)
-    finally:
-        manager.close()
-    return state, history
 
 
 def run_prediction(config: PredictConfig, out_dir: str | os.PathLike) -> dict:
@@ -88,10 +75,9 @@ def run_prediction(config: PredictConfig, out_dir: str | os.PathLike) -> dict:
         depth=config.depth,
         embedding_dim=config.embedding_dim,
     )
-    # Only what decides each model, so a U-Net stored without --gan is reused
-    # with it.
+    # The settings recorded beside each model: only what decides it, so a U-Net
+    # stored without --gan is reused with it.
     settings = {name: getattr(config, name) for name in _SHARED_SETTINGS}
-    settings["data"] = splits["train"].fingerprint
     train_kwargs = {
         "train_split": splits["train"],
         "num_epochs": config.num_epochs,
@@ -100,20 +86,20 @@ def run_prediction(config: PredictConfig, out_dir: str | os.PathLike) -> dict:
     }
     rng_init, rng_data = jax.random.split(rng_unet)
     histories = {}
-    unet_state, histories["unet"] = _train_or_restore(
-        out / "checkpoints" / "unet",
+    unet_state, histories["unet"] = train_unet(
         create_unet_state(
             unet, rng_init, config.image_size, optax.adam(config.learning_rate)
         ),
-        lambda state: train_unet(state, rng_data, **train_kwargs),
-        {**settings, "learning_rate": config.learning_rate},
+        rng_data,
+        store_path=out / "checkpoints" / "unet",
+        settings={**settings, "learning_rate": config.learning_rate},
+        **train_kwargs,
     )
     models = {"unet": unet_state}
     gan_state = None
     if config.gan:
         rng_init, rng_data = jax.random.split(rng_gan)
-        gan_state, histories["gan"] = _train_or_restore(
-            out / "checkpoints" / "gan",
+        gan_state, histories["gan"] = train_gan(
             create_gan_state(
                 unet,
                 PatchDiscriminator(features=config.features),
@@ -121,14 +107,15 @@ def run_prediction(config: PredictConfig, out_dir: str | os.PathLike) -> dict:
                 config.image_size,
                 config.gan_learning_rate,
             ),
-            lambda state: train_gan(
-                state, rng_data, l1_weight=config.l1_weight, **train_kwargs
-            ),
-            {
+            rng_data,
+            l1_weight=config.l1_weight,
+            store_path=out / "checkpoints" / "gan",
+            settings={
                 **settings,
                 "gan_learning_rate": config.gan_learning_rate,
                 "l1_weight": config.l1_weight,
             },
+            **train_kwargs,
         )
         models["gan"] = gan_state.generator
 

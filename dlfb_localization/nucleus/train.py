@@ -2,12 +2,17 @@
 
 Both read the release's channels 0 (protein) and 1 (nucleus), from a split built
 with `DatasetBuilder(path, channels=(0, 1))`, resize them to `image_size` inside
-the jitted step and train with Adam. Everything random comes from the `rng`
-passed in, so a run is a pure function of it.
+the jitted step and train with Adam, in the epoch loop every family shares
+(`loop.fit`): with a `store_path`, a checkpoint is written after every epoch,
+an interrupted run resumes at the next one and a finished one is restored.
+Everything random comes from the `rng` passed in, so a run is a pure function
+of it.
 """
 
 import functools
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Mapping
+from typing import Any
 
 import flax
 import jax
@@ -15,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training.train_state import TrainState
-from tqdm.auto import tqdm
 
+from dlfb_localization import checkpoint
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.metrics import History, MetricsLogger
+from dlfb_localization.loop import DataParallel, fit
+from dlfb_localization.metrics import History
 from dlfb_localization.model.vqvae import new_train_state
 from dlfb_localization.nucleus.model import ConditionalUNet, PatchDiscriminator
 
@@ -257,31 +263,35 @@ def gan_train_step(
     return new_state, {**losses, "discriminator_loss": discriminator_loss}
 
 
-def _fit(
-    state,
-    step: Callable,
-    train_split: Dataset,
+def _run_config(
+    networks: Mapping[str, TrainState],
     rng: jax.Array,
-    num_epochs: int,
-    batch_size: int,
-    loss_name: str,
-):
-    """The epoch loop both trainings share: shuffled batches, one step each."""
-    if num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
-    history = MetricsLogger()
-    epochs = tqdm(range(num_epochs))
-    for epoch in epochs:
-        epochs.set_description(f"Epoch {epoch + 1}")
-        for batch in train_split.get_batches(
-            jax.random.fold_in(rng, epoch), batch_size
-        ):
-            inputs = {"images": batch["images"], "labels": batch["labels"]}
-            state, metrics = step(state, inputs)
-            history.log_step("train", metrics, weight=len(batch["labels"]))
-        history.flush(epoch)
-        epochs.set_postfix_str(history.latest([loss_name]))
-    return state, history.export()
+    train_split: Dataset,
+    settings: Mapping[str, Any] | None,
+    **arguments: Any,
+) -> dict[str, Any]:
+    """What decides a nucleus run, as plain JSON: each network's model,
+    optimizer and initial parameters (`checkpoint.describe_train_state`; one
+    network's at the top level, several under their names), the training
+    arguments, the data's fingerprint, the key and the caller's `settings`."""
+    if len(networks) == 1:
+        (state,) = networks.values()
+        described = checkpoint.describe_train_state(state)
+    else:
+        described = {
+            name: checkpoint.describe_train_state(state)
+            for name, state in networks.items()
+        }
+    return checkpoint._to_json(
+        {
+            **described,
+            **arguments,
+            "data": {"train": train_split.fingerprint},
+            "input_shape": list(train_split.image_shape),
+            "rng": checkpoint.rng_record(rng),
+            "settings": dict(settings or {}),
+        }
+    )
 
 
 def train_unet(
@@ -292,24 +302,69 @@ def train_unet(
     num_epochs: int,
     batch_size: int,
     image_size: int,
+    store_path: str | os.PathLike | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> tuple[TrainState, History]:
     """Trains the U-Net on the mean squared error of the protein image.
 
+    With `store_path`, an Orbax checkpoint (state, epoch, history, run
+    configuration) is written after every epoch. Calling again with the same
+    configuration restores a finished run without training, or resumes an
+    interrupted one at the next epoch, ending bit-identical to an
+    uninterrupted run; a different configuration at the same path raises
+    `checkpoint.ConfigMismatchError` naming the fields. The configuration
+    holds the model's settings, fingerprints of the initial parameters and of
+    the optimizer's first update (a changed learning rate shows there), the
+    arguments below, the data's fingerprint, `rng` and `settings`.
+
     Args:
       state: from `create_unet_state`; its embedding table must cover the
-        split's protein codes.
+        split's protein codes. Its arrays are copied, so it stays usable.
       rng: JAX key for the data order.
       train_split: frames with channels (0, 1).
       num_epochs, batch_size: passes over the split and frames per step (the
-        last partial batch of an epoch is dropped).
+        last partial batch of an epoch is dropped, so at most the split's
+        size).
       image_size: side the crops are resized to.
+      store_path: folder for checkpoints, or None to keep nothing.
+      settings: more JSON-ready values recorded in the configuration (e.g. the
+        `PredictConfig` fields the model depends on), so that a change in
+        them is refused by name.
 
     Returns:
       `(state, history)`; `history["train"]["mse"]` holds one record per epoch.
+
+    Raises:
+      loop.NonFiniteLossError: the loss became NaN or infinite (the last
+        checkpoint is kept as it was).
+      checkpoint.ConfigMismatchError: `store_path` holds a different run.
     """
     check_split(train_split, count_embedded_proteins(state))
-    step = functools.partial(unet_train_step, image_size=image_size)
-    return _fit(state, step, train_split, rng, num_epochs, batch_size, "mse")
+    parallel = DataParallel()
+    state = parallel.place_state(state)
+    config = None
+    if store_path is not None:
+        config = _run_config(
+            {"unet": state},
+            rng,
+            train_split,
+            settings,
+            num_epochs=num_epochs,
+            batch_size=batch_size,
+            image_size=image_size,
+        )
+    return fit(
+        state,
+        functools.partial(unet_train_step, image_size=image_size),
+        train_split,
+        rng,
+        num_epochs=num_epochs,
+        batch_size=batch_size,
+        parallel=parallel,
+        store_path=store_path,
+        config=config,
+        losses=("mse",),
+    )
 
 
 def train_gan(
@@ -321,21 +376,58 @@ def train_gan(
     batch_size: int,
     image_size: int,
     l1_weight: float = 100.0,
+    store_path: str | os.PathLike | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> tuple[GANState, History]:
     """Trains pix2pix: the U-Net as generator against a PatchGAN.
+
+    Checkpointed, resumed and restored as `train_unet` is, both networks
+    together; the configuration describes each under "generator" and
+    "discriminator", and records `l1_weight`.
 
     Args:
       state: from `create_gan_state`.
       rng: JAX key for the data order.
       train_split, num_epochs, batch_size, image_size: as in `train_unet`.
       l1_weight: lambda of the L1 term.
+      store_path, settings: as in `train_unet`.
 
     Returns:
       `(state, history)` with `generator_loss`, `adversarial_loss`, `l1_loss`
       and `discriminator_loss` per epoch.
+
+    Raises:
+      loop.NonFiniteLossError: the generator's or the discriminator's loss
+        became NaN or infinite.
+      checkpoint.ConfigMismatchError: `store_path` holds a different run.
     """
     check_split(train_split, count_embedded_proteins(state.generator))
+    parallel = DataParallel()
+    state = parallel.place_state(state)
+    config = None
+    if store_path is not None:
+        config = _run_config(
+            {"generator": state.generator, "discriminator": state.discriminator},
+            rng,
+            train_split,
+            settings,
+            num_epochs=num_epochs,
+            batch_size=batch_size,
+            image_size=image_size,
+            l1_weight=float(l1_weight),
+        )
     step = functools.partial(
         gan_train_step, image_size=image_size, l1_weight=float(l1_weight)
     )
-    return _fit(state, step, train_split, rng, num_epochs, batch_size, "l1_loss")
+    return fit(
+        state,
+        step,
+        train_split,
+        rng,
+        num_epochs=num_epochs,
+        batch_size=batch_size,
+        parallel=parallel,
+        store_path=store_path,
+        config=config,
+        losses=("generator_loss", "discriminator_loss"),
+    )

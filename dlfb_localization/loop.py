@@ -1,0 +1,272 @@
+"""The epoch loop every model family trains with, and its checkpoints.
+
+`fit` runs a jitted step over shuffled, prefetched batches epoch by epoch,
+validates on a schedule, stops on a non-finite loss, and, given a store,
+writes an Orbax checkpoint after every epoch and resumes or restores a run
+from it (`dlfb_localization.checkpoint`). What differs between families (the
+step, the evaluation, the run's configuration, what to watch after an epoch)
+is passed in: `train.train` (the VQ-VAE and cytoself) and
+`nucleus.train.train_unet`/`train_gan` are thin wrappers around it.
+"""
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from dlfb_localization import checkpoint
+from dlfb_localization.dataset import Dataset
+from dlfb_localization.dataset.prefetch import prefetch_to_device
+from dlfb_localization.metrics import History, MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DataParallel",
+    "NonFiniteLossError",
+    "check_batch_size",
+    "check_epochs",
+    "fit",
+]
+
+Batch = Mapping[str, np.ndarray | jax.Array]
+Metrics = Mapping[str, jax.Array]
+State = TypeVar("State")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A logged loss was NaN or infinite; training stopped before checkpointing."""
+
+
+class DataParallel:
+    """Data parallelism over all local devices: one code path for one or many.
+
+    Parameters and optimizer state are replicated on every device and each batch
+    is split along its first axis; `jit` then compiles one SPMD program whose
+    gradients are averaged across devices by XLA. With one device this is plain
+    single-device training. For several hosts, call `jax.distributed.initialize()`
+    first on every host: `jax.devices()` then spans all of them and each host
+    must feed the same global batches (the data order is a pure function of the
+    seed, so it does).
+    """
+
+    def __init__(self, devices=None):
+        devices = jax.devices() if devices is None else devices
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+        self.n_devices = len(devices)
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.batch = jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec("data")
+        )
+
+    def place_state(self, state: State) -> State:
+        """A copy of `state` replicated on every device.
+
+        The steps donate their input, so the copy keeps the caller's arrays alive;
+        Orbax restores into the same placement, so a resumed run compiles the
+        steps once.
+        """
+
+        def copy(x):
+            if not isinstance(x, jax.Array):
+                # e.g. `TrainState.create`'s Python int step: a strong int32 array,
+                # as a restored one.
+                x = jnp.asarray(np.asarray(x))
+            return jax.device_put(x, self.replicated, may_alias=False)
+
+        return jax.tree.map(copy, state)
+
+    def batch_sharding(self, batch_size: int) -> jax.sharding.Sharding:
+        """Split a batch over the devices, or replicate one that does not divide
+        (the last, partial validation batch)."""
+        return self.batch if batch_size % self.n_devices == 0 else self.replicated
+
+
+def check_epochs(num_epochs: int, eval_every: int = 1) -> None:
+    """Raises ValueError unless both are >= 1."""
+    if num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+
+
+def check_batch_size(batch_size: int, train_size: int) -> None:
+    """Raises ValueError unless an epoch of `train_size` frames has a full batch."""
+    if not 1 <= batch_size <= train_size:
+        raise ValueError(
+            f"batch_size must be in [1, {train_size}] (the train split's size, as "
+            f"the last partial batch is dropped), got {batch_size}"
+        )
+
+
+def _model_inputs(batch: Batch) -> dict[str, np.ndarray | jax.Array]:
+    # Frame ids are int64 bookkeeping the step never reads; leave them on the host.
+    return {"images": batch["images"], "labels": batch["labels"]}
+
+
+def _check_finite(
+    values: dict[str, dict[str, np.ndarray]],
+    epoch: int,
+    first_step: int,
+    losses: Sequence[str] = ("total_loss",),
+) -> None:
+    """Raises `NonFiniteLossError` naming the epoch and steps of a bad loss.
+
+    Each of `losses` is checked in the "train" and "valid" values; the message
+    calls `total_loss` "loss" and any other by its name."""
+    for name in losses:
+        label = "loss" if name == "total_loss" else name
+        train_losses = values.get("train", {}).get(name, np.array([]))
+        last_step = first_step + train_losses.size - 1
+        bad = np.flatnonzero(~np.isfinite(train_losses))
+        if bad.size:
+            raise NonFiniteLossError(
+                f"non-finite training {label} in epoch {epoch}: first at step "
+                f"{first_step + bad[0]} ({bad.size} of steps {first_step}-"
+                f"{last_step}); this epoch was not checkpointed, the last "
+                "checkpoint (if any) is unchanged"
+            )
+        valid_losses = values.get("valid", {}).get(name, np.array([]))
+        if not np.all(np.isfinite(valid_losses)):
+            raise NonFiniteLossError(
+                f"non-finite validation {label} after epoch {epoch} (training "
+                f"steps {first_step}-{last_step}); this epoch was not "
+                "checkpointed, the last checkpoint (if any) is unchanged"
+            )
+
+
+def fit(
+    state: State,
+    step: Callable[[State, Batch], tuple[State, Metrics]],
+    train_split: Dataset,
+    rng_data: jax.Array,
+    *,
+    num_epochs: int,
+    batch_size: int,
+    parallel: DataParallel | None = None,
+    evaluate: Callable[[State, Batch], Metrics] | None = None,
+    eval_split: Dataset | None = None,
+    eval_every: int = 1,
+    on_epoch: Callable[[MetricsLogger, int], str] | None = None,
+    store_path: str | os.PathLike | None = None,
+    config: Mapping[str, Any] | None = None,
+    losses: Sequence[str] = ("total_loss",),
+) -> tuple[State, History]:
+    """Trains `state` epoch by epoch with `step`, optionally checkpointed.
+
+    Epoch `epoch` runs `step` on the batches of
+    `train_split.get_batches(fold_in(rng_data, epoch), batch_size)` (shuffled,
+    the last partial batch dropped), each read and put on the devices while the
+    previous step runs. With `evaluate`, `eval_split` is then evaluated, in
+    order and without dropping frames, after epochs with `epoch % eval_every ==
+    0` and after the last. A non-finite value of one of `losses` stops the run
+    (`NonFiniteLossError`) before the epoch is checkpointed. `on_epoch` then
+    sees the metrics and returns the progress bar's text.
+
+    With `store_path`, an Orbax checkpoint (state, epoch, metrics, `config`) is
+    written after every epoch (`checkpoint.save_epoch`). Called again with the
+    same `config`, a finished run is restored without training and an
+    interrupted one resumes at the next epoch (`checkpoint.restore_run`): the
+    data order depends only on the epoch, so as long as the step's randomness
+    depends only on the state's step, the result is bit-identical to an
+    uninterrupted run's.
+
+    Args:
+      state: the initial state, placed by `parallel.place_state`; any pytree
+        with a `step` (a `TrainState`, or e.g. the GAN's pair of them). A
+        restored run is read back into its structure and placement.
+      step: `step(state, batch) -> (state, metrics)`, jitted; the batch is
+        `{"images", "labels"}` on the devices; metrics are scalars.
+      train_split: the frames trained on.
+      rng_data: JAX key of the data order.
+      num_epochs: passes over `train_split`.
+      batch_size: frames per step.
+      parallel: how batches are split over the devices (default: all devices).
+      evaluate: `evaluate(state, batch) -> metrics`, or None to train only.
+      eval_split: the frames `evaluate` sees (needed with `evaluate`).
+      eval_every: evaluate every this many epochs.
+      on_epoch: `on_epoch(history, epoch) -> str`, called after the epoch's
+        metrics are summarised and checked, before the checkpoint (it may
+        record more); default: the latest values of `losses`.
+      store_path: folder for checkpoints, or None to keep nothing.
+      config: with `store_path`, what decides the run, as JSON-ready values
+        (e.g. `checkpoint.build_run_config`); a stored run is used only if its
+        configuration is the same.
+      losses: metric names that must stay finite, in "train" and "valid".
+
+    Returns:
+      `(state, metrics)`: the final state and `metrics[split][name]`, a list of
+      `{"mean", "std", "epoch"}` records, for "train" (every epoch) and "valid"
+      (evaluated epochs).
+
+    Raises:
+      NonFiniteLossError: one of `losses` became NaN or infinite; the message
+        names the epoch and steps, and the last checkpoint on disk is left as
+        it was.
+      checkpoint.ConfigMismatchError: `store_path` holds a different run.
+    """
+    check_epochs(num_epochs, eval_every)
+    check_batch_size(batch_size, len(train_split))
+    if evaluate is not None and eval_split is None:
+        raise ValueError("evaluate needs an eval_split")
+    if store_path is not None and config is None:
+        raise ValueError("a store_path needs the run's config")
+    parallel = DataParallel() if parallel is None else parallel
+    history = MetricsLogger()
+    start_epoch = 0
+    manager = None
+    try:
+        if store_path is not None:
+            manager = checkpoint.open_manager(store_path)
+            resumed = checkpoint.restore_run(manager, state, config)
+            if resumed is not None:
+                state = resumed.state
+                history = MetricsLogger(resumed.metrics)
+                start_epoch = resumed.epoch + 1
+                if start_epoch >= num_epochs:
+                    logger.info("restored the finished run in %s", store_path)
+                    return state, history.export()
+                logger.info("resuming %s at epoch %d", store_path, start_epoch)
+
+        epochs = tqdm(
+            range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs
+        )
+        for epoch in epochs:
+            epochs.set_description(f"Epoch {epoch + 1}")
+            first_step = int(state.step)
+            batches = train_split.get_batches(
+                jax.random.fold_in(rng_data, epoch), batch_size
+            )
+            # Reads and host-to-device copies overlap with the running step.
+            sharding = parallel.batch_sharding(batch_size)
+            for batch in prefetch_to_device(batches, device=sharding):
+                state, metrics = step(state, _model_inputs(batch))
+                history.log_step("train", metrics, weight=len(batch["labels"]))
+
+            if evaluate is not None and (
+                epoch % eval_every == 0 or epoch == num_epochs - 1
+            ):
+                for batch in eval_split.get_batches(
+                    rng_data, batch_size, shuffle=False, drop_remainder=False
+                ):
+                    sharding = parallel.batch_sharding(len(batch["labels"]))
+                    inputs = jax.device_put(_model_inputs(batch), sharding)
+                    metrics = evaluate(state, inputs)
+                    history.log_step("valid", metrics, weight=len(batch["labels"]))
+
+            _check_finite(history.flush(epoch), epoch, first_step, losses)
+            if on_epoch is None:
+                epochs.set_postfix_str(history.latest(losses))
+            else:
+                epochs.set_postfix_str(on_epoch(history, epoch))
+            if manager is not None:
+                checkpoint.save_epoch(manager, state, epoch, config, history.export())
+    finally:
+        if manager is not None:
+            manager.close()
+    return state, history.export()
