@@ -71,16 +71,16 @@ class RestoredRun(NamedTuple):
     metrics: History
 
 
-def _to_json(value: Any) -> Any:
+def to_json(value: Any) -> Any:
     """Plain JSON types (dict, list, str, int, float, bool, None) only."""
     if isinstance(value, Mapping):
-        return {str(k): _to_json(v) for k, v in value.items()}
+        return {str(k): to_json(v) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _to_json(dataclasses.asdict(value))  # e.g. CodebookOptions
+        return to_json(dataclasses.asdict(value))  # e.g. CodebookOptions
     if isinstance(value, list | tuple):
-        return [_to_json(v) for v in value]
+        return [to_json(v) for v in value]
     if isinstance(value, np.ndarray | jax.Array):
-        return _to_json(np.asarray(value).tolist())
+        return to_json(np.asarray(value).tolist())
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.dtype) or (
@@ -166,6 +166,7 @@ def build_run_config(
     classification_weight: float,
     eval_every: int,
     augment: str = "none",
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything recordable that decides a run's result, as plain JSON.
 
@@ -178,6 +179,8 @@ def build_run_config(
       dataset_splits: the splits; "train" and "valid" are fingerprinted.
       num_epochs, batch_size, classification_weight, eval_every, augment:
         `train`'s arguments.
+      settings: the caller's own description of the run, recorded and
+        compared whole (`runs.train_run` passes its `RunConfig`).
 
     Returns:
       A JSON-ready dict.
@@ -195,9 +198,10 @@ def build_run_config(
         "rng": rng_record(rng),
         "optimizer": described["optimizer"],
         "init_params": described["init_params"],
+        "settings": dict(settings or {}),
     }
     # Plain types (tuples as lists), so it compares equal to what JSON reads back.
-    return _to_json(config)
+    return to_json(config)
 
 
 def describe_train_state(state: TrainState) -> dict[str, Any]:
@@ -216,7 +220,7 @@ def describe_train_state(state: TrainState) -> dict[str, Any]:
     probe_update, _ = jax.jit(state.tx.update)(
         probe_gradient, state.opt_state, state.params
     )
-    return _to_json(
+    return to_json(
         {
             "model": _describe_model(state),
             "optimizer": {
@@ -237,10 +241,12 @@ def rng_record(rng: jax.Array) -> list:
     return np.asarray(jax.random.key_data(rng)).tolist()
 
 
-# Settings added after runs were already written, with the value those runs
-# had implicitly: such a run is still recognised, and one trained otherwise is
-# refused naming the field.
-_ADDED_FIELDS = {"model.codebook.lookup": "euclidean"}
+# Fields added after runs were already written. A setting maps to the value
+# those runs had implicitly: such a run is still recognised, and one trained
+# otherwise is refused naming the field. `_NOT_RECORDED` marks a record that
+# older runs simply lack (what it holds was already compared field by field).
+_NOT_RECORDED = object()
+_ADDED_FIELDS = {"model.codebook.lookup": "euclidean", "settings": _NOT_RECORDED}
 
 
 def find_config_differences(stored: Any, current: Any, path: str = "") -> list[str]:
@@ -264,6 +270,8 @@ def find_config_differences(stored: Any, current: Any, path: str = "") -> list[s
         differences = []
         for key in sorted(set(stored) | set(current)):
             name = f"{path}.{key}" if path else key
+            if key not in stored and _ADDED_FIELDS.get(name) is _NOT_RECORDED:
+                continue
             if key not in stored and name in _ADDED_FIELDS:
                 # Written before the field existed: it had the old behaviour.
                 differences += find_config_differences(
@@ -335,7 +343,7 @@ def save_epoch(
         int(state.step),
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(_state_items(state)),
-            meta=ocp.args.JsonSave(_to_json(meta)),
+            meta=ocp.args.JsonSave(to_json(meta)),
         ),
     )
     manager.wait_until_finished()
@@ -459,7 +467,7 @@ def restore_latest(
         return None
     step, meta = latest
     differences = find_config_differences(
-        meta["config"]["data"], _to_json(dict(data)), "data"
+        meta["config"]["data"], to_json(dict(data)), "data"
     )
     if differences:
         raise ConfigMismatchError(

@@ -193,6 +193,12 @@ class RunConfig:
             lookup=self.lookup,
         )
 
+    def settings(self) -> dict[str, Any]:
+        """What the checkpoint records and compares: every setting but the
+        data folder's path, which the data's fingerprint stands for (so a run
+        still resumes when its data is reached by another path)."""
+        return {k: v for k, v in self.to_json().items() if k != "data"}
+
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "channels": list(self.channels)}
 
@@ -369,6 +375,7 @@ def train_run(
         eval_every=config.eval_every,
         store_path=store / CHECKPOINTS,
         augment=config.augment,
+        settings=config.settings(),
     )
     write_json(metrics, store / METRICS_FILE)
     return Run(config, splits, state, metrics, _keys(config.seed).frames)

@@ -344,6 +344,8 @@ def train(
     eval_every: int = 10,
     store_path: str | os.PathLike | None = None,
     augment: str = "none",
+    *,
+    settings: Mapping[str, Any] | None = None,
 ) -> tuple[TrainState, History]:
     """Trains the VQ-VAE, optionally with the protein-id head, epoch by epoch.
 
@@ -375,6 +377,9 @@ def train(
       store_path: folder for checkpoints, or None to keep nothing.
       augment: random orientation of the training images inside `train_step`:
         "none", "d4" or "rotate" (see `train_step`); validation never augments.
+      settings: with `store_path`, the caller's own description of the run
+        (JSON-ready), stored in the checkpoint and compared whole on a rerun:
+        `runs.train_run` passes its `RunConfig`.
 
     Returns:
       `(state, metrics)`: the final state and `metrics[split][name]`, a list of
@@ -410,6 +415,7 @@ def train(
             classification_weight=classification_weight,
             eval_every=eval_every,
             augment=augment,
+            settings=settings,
         )
 
     # The steps with this run's arguments (looked up per call: tests replace them).

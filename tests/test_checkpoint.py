@@ -297,6 +297,19 @@ def test_a_run_written_before_the_lookup_setting_is_the_euclidean_one():
     )
 
 
+def test_runs_written_before_settings_were_recorded_are_still_recognised():
+    # A run whose checkpoint predates the "settings" record is compared field
+    # by field as before; once recorded, a changed setting is named.
+    current = {"batch_size": 8, "settings": {"seed": 1}}
+    assert checkpoint.find_config_differences({"batch_size": 8}, current) == []
+    assert checkpoint.find_config_differences({"batch_size": 4}, current) == [
+        "batch_size: stored 4, now 8"
+    ]
+    assert checkpoint.find_config_differences(
+        {"batch_size": 8, "settings": {"seed": 2}}, current
+    ) == ["settings.seed: stored 2, now 1"]
+
+
 def test_a_run_folder_written_before_the_lookup_setting_reads_as_euclidean():
     from dlfb_localization.runs import RunConfig
 

@@ -157,6 +157,17 @@ def test_a_run_is_read_back_without_initialising_and_refuses_other_data(
     assert exit_code == 0
     config = runs.RunConfig.from_json(json.loads((store / "config.json").read_text()))
     resumed = runs.train_run(config, store, progress=False)  # restores, via train
+    # The checkpoint records the run configuration whole (the data by its
+    # fingerprint, not its path).
+    from dlfb_localization import checkpoint
+
+    manager = checkpoint.open_manager(store / "checkpoints")
+    try:
+        meta = checkpoint.read_meta(manager, manager.latest_step())
+    finally:
+        manager.close()
+    assert meta["config"]["settings"] == config.settings()
+    assert "data" not in meta["config"]["settings"] and meta["config"]["data"]
 
     # Only shapes are computed: the model is initialised on tracers, never on
     # values.

@@ -282,7 +282,7 @@ def _run_config(
             name: checkpoint.describe_train_state(state)
             for name, state in networks.items()
         }
-    return checkpoint._to_json(
+    return checkpoint.to_json(
         {
             **described,
             **arguments,
