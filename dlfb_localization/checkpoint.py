@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
 
 from dlfb_localization import __version__
-from dlfb_localization.metrics import History
+from dlfb_localization.history import History
 from dlfb_localization.model.interface import model_of
 
 logger = logging.getLogger(__name__)

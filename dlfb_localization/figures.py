@@ -18,6 +18,7 @@ from dlfb_localization.embeddings import (
     get_frame_embeddings,
     named_embeddings,
 )
+from dlfb_localization.history import History
 from dlfb_localization.inspect.codebook import plot_codebook_usage
 from dlfb_localization.inspect.embeddings.clustering import (
     calculate_projection,
@@ -29,7 +30,6 @@ from dlfb_localization.inspect.embeddings.feature_spectrum import (
 )
 from dlfb_localization.inspect.metrics import plot_losses, plot_perplexity
 from dlfb_localization.inspect.reconstruction import show_reconstruction
-from dlfb_localization.metrics import History
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ full model's `_local` and `_global` levels are checked separately):
 import dataclasses
 import re
 
-from dlfb_localization.metrics import History
+from dlfb_localization.history import History
 from dlfb_localization.model.interface import level_suffix
 
 __all__ = [

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from dlfb_localization import checkpoint
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.prefetch import prefetch_to_device
-from dlfb_localization.metrics import History, MetricsLogger
+from dlfb_localization.history import History, HistoryLogger
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def fit(
     evaluate: Callable[[State, Batch], Metrics] | None = None,
     eval_split: Dataset | None = None,
     eval_every: int = 1,
-    on_epoch: Callable[[MetricsLogger, int], str] | None = None,
+    on_epoch: Callable[[HistoryLogger, int], str] | None = None,
     store_path: str | os.PathLike | None = None,
     config: Mapping[str, Any] | None = None,
     losses: Sequence[str] = ("total_loss",),
@@ -217,7 +217,7 @@ def fit(
     if store_path is not None and config is None:
         raise ValueError("a store_path needs the run's config")
     parallel = DataParallel() if parallel is None else parallel
-    history = MetricsLogger()
+    history = HistoryLogger()
     start_epoch = 0
     manager = None
     try:
@@ -226,7 +226,7 @@ def fit(
             resumed = checkpoint.restore_run(manager, state, config)
             if resumed is not None:
                 state = resumed.state
-                history = MetricsLogger(resumed.metrics)
+                history = HistoryLogger(resumed.metrics)
                 start_epoch = resumed.epoch + 1
                 if start_epoch >= num_epochs:
                     logger.info("restored the finished run in %s", store_path)

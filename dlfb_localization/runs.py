@@ -33,7 +33,7 @@ from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.utils import count_unique_proteins
 from dlfb_localization.files import write_json
-from dlfb_localization.metrics import History
+from dlfb_localization.history import History
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.model.codebook import LOOKUPS, CodebookOptions
 from dlfb_localization.model.cytoself import CytoselfModel

@@ -19,6 +19,7 @@ from dlfb_localization.health import (
     check_health,
     health_metrics,
 )
+from dlfb_localization.history import History, HistoryLogger
 from dlfb_localization.loop import (
     DataParallel,
     NonFiniteLossError,
@@ -26,7 +27,6 @@ from dlfb_localization.loop import (
     check_epochs,
     fit,
 )
-from dlfb_localization.metrics import History, MetricsLogger
 from dlfb_localization.model.interface import FamilyOutputs, model_of, usage_metrics
 from dlfb_localization.orientation import AUGMENT_MODES, random_orientation
 
@@ -311,7 +311,7 @@ def _check_arguments(
     check_batch_size(batch_size, len(dataset_splits["train"]))
 
 
-def _watch_health(history: MetricsLogger, epoch: int) -> str:
+def _watch_health(history: HistoryLogger, epoch: int) -> str:
     """Runs `health.check_health` after an epoch: records its flags, warns
     (`TrainingHealthWarning`) when a check starts failing, and returns the
     progress bar's text."""

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.metrics import History
+from dlfb_localization.history import History
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.train import TrainState, train
 

@@ -5,7 +5,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from dlfb_localization.metrics import History
+from dlfb_localization.history import History
 
 __all__ = ["plot_losses", "plot_perplexity"]
 

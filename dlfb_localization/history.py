@@ -1,4 +1,8 @@
-"""Host-side collection of per-step metrics into per-epoch summaries."""
+"""The training history: per-step scalars gathered into per-epoch records.
+
+`HistoryLogger` is the step logger `train` and every family's loop write to;
+`History` is what it exports (`history[split][name]`, one record per epoch), what
+checkpoints store and what `inspect.metrics` plots."""
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -11,7 +15,7 @@ Record = dict[str, float]
 History = dict[str, dict[str, list[Record]]]
 
 
-class MetricsLogger:
+class HistoryLogger:
     """Collects step metrics on the device and summarises them once per epoch.
 
     Steps return scalar arrays that may still be computing; keeping them as they
