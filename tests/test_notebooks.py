@@ -6,7 +6,8 @@ variables before anything imports JAX or the library. All notebooks run, in the
 order 01, 02, …, in one working folder that they share: the sample lands in the
 same `SAMPLE_DIR`, and `DLFB_ASSETS_DIR` (read by `dlfb_localization.assets` at
 call time) points the models into it, so 04 and 05 restore the models that 03
-and 04 stored instead of training them again (checked below).
+and 04 stored instead of training them again (checked below, whenever the
+earlier notebook ran in the same pytest-xdist worker: workers share no folder).
 `JAX_COMPILATION_CACHE_DIR` lets later kernels reuse what earlier ones compiled.
 Each notebook also runs alone (e.g. `-k 05`); it then trains what it needs.
 """
