@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 import optax
+import tiny
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.history import History
@@ -29,15 +30,8 @@ NUM_EPOCHS = 6
 BATCH_SIZE = 8
 TRAIN_FRAMES = 24  # three steps per epoch
 EVAL_EVERY = 2
-MODEL = LocalizationModel(
-    num_classes=4,
-    embedding_dim=8,
-    num_embeddings=16,
-    commitment_cost=0.25,
-    # Nonzero, so that resuming has to repeat the dropout masks.
-    dropout_rate=0.1,
-    classification_head_layers=2,
-)
+# Nonzero dropout, so that resuming has to repeat the dropout masks.
+MODEL = LocalizationModel(**{**tiny.CHAPTER, "dropout_rate": 0.1})
 # One optimizer object for every run in a process: a new one recompiles the step.
 TX = optax.adam(1e-3)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny
 from orbax.checkpoint._src.path import atomicity
 
 from dlfb_localization import checkpoint
@@ -324,14 +325,7 @@ def test_a_checkpoint_of_a_plain_train_state_restores_into_a_model_state(tmp_pat
     # Checkpoints written before `ModelState` hold a plain `TrainState`'s arrays
     # (step, params, opt_state): they restore, value for value; a state of
     # another layout is refused with a message naming the folder.
-    model = LocalizationModel(
-        num_classes=3,
-        embedding_dim=8,
-        num_embeddings=16,
-        commitment_cost=0.25,
-        dropout_rate=0.1,
-        classification_head_layers=1,
-    )
+    model = LocalizationModel(**tiny.CHAPTER)
     state = model.create_train_state(
         jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)), optax.adam(1e-3)
     )

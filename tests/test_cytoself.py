@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny
 
 from dlfb_localization import evaluate as evaluate_module
 from dlfb_localization.dataset.builder import DatasetBuilder
@@ -27,14 +28,7 @@ from dlfb_localization.model.quantizer import (
 from dlfb_localization.runs import RunConfig, load_run, train_run
 from dlfb_localization.train import compute_losses
 
-TINY = dict(
-    num_classes=5,
-    embedding_dim=8,
-    num_embeddings=16,
-    global_splits=3,
-    dropout_rate=0.0,
-    classification_head_layers=2,
-)
+TINY = tiny.CYTOSELF
 
 
 def test_split_quantizer_snaps_every_subvector_to_the_shared_codebook():

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+import tiny
 from scipy.cluster.hierarchy import linkage
 from sklearn.metrics import adjusted_rand_score
 
@@ -24,16 +25,7 @@ from dlfb_localization.inspect.embeddings.utils import (
 from dlfb_localization.model import LocalizationModel
 
 NUM_EMBEDDINGS = 16
-MODEL = LocalizationModel(
-    # The head is not used here: test_model's tiny shapes, so that the
-    # session compiles their initialization once (conftest.py's cache).
-    num_classes=4,
-    embedding_dim=8,
-    num_embeddings=NUM_EMBEDDINGS,
-    commitment_cost=0.25,
-    dropout_rate=0.0,
-    classification_head_layers=2,
-)
+MODEL = LocalizationModel(**{**tiny.CHAPTER, "num_embeddings": NUM_EMBEDDINGS})
 TX = optax.adam(1e-3)
 LOCS = np.array(["er", "golgi", "er;golgi", "", "membrane"])
 

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+import tiny
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.evaluate import (
@@ -20,16 +21,7 @@ from dlfb_localization.evaluate import (
 )
 from dlfb_localization.model import LocalizationModel
 
-MODEL = LocalizationModel(
-    # The head is not used here: test_model's tiny shapes, so that the
-    # session compiles their initialization once (conftest.py's cache).
-    num_classes=4,
-    embedding_dim=8,
-    num_embeddings=16,
-    commitment_cost=0.25,
-    dropout_rate=0.0,
-    classification_head_layers=2,
-)
+MODEL = LocalizationModel(**tiny.CHAPTER)
 
 
 def blobs(n_per_class: int, n_classes: int, seed: int, spread: float = 0.1):

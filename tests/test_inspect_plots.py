@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import pytest
+import tiny
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from scipy.cluster.hierarchy import leaves_list
@@ -71,16 +72,7 @@ def make_metrics(epochs: int = 3) -> dict:
 
 def test_show_reconstruction_pairs_titled_inputs_with_their_reconstructions():
     split = make_split()
-    # test_model's tiny shapes, so that the session compiles their
-    # initialization once (conftest.py's cache).
-    model = LocalizationModel(
-        num_classes=4,
-        embedding_dim=8,
-        num_embeddings=16,
-        commitment_cost=0.25,
-        dropout_rate=0.0,
-        classification_head_layers=2,
-    )
+    model = LocalizationModel(**tiny.CHAPTER)
     state = model.create_train_state(
         jax.random.key(0), split.get_dummy_input(), optax.adam(1e-3)
     )

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny
 
 from dlfb_localization import checkpoint, evaluate
 from dlfb_localization.cli import build_parser
@@ -36,13 +37,7 @@ TX = optax.adam(1e-3)
 # embeddings compile once per model object.
 MODELS = {
     name: LocalizationModel(
-        num_classes=4,
-        embedding_dim=8,
-        num_embeddings=16,
-        commitment_cost=0.25,
-        dropout_rate=0.0,
-        classification_head_layers=1,
-        encoder_type=name,
+        **{**tiny.CHAPTER, "classification_head_layers": 1}, encoder_type=name
     )
     for name in ("residual", "d4")
 }

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny
 from flax.training.train_state import TrainState
 
 from dlfb_localization.evaluate import reconstruct
@@ -15,14 +16,7 @@ from dlfb_localization.model.decoder import resize_then_conv, upsample2_conv3x3
 from dlfb_localization.model.quantizer import lookup_codes
 from dlfb_localization.train import compute_losses
 
-TINY = dict(
-    num_classes=4,
-    embedding_dim=8,
-    num_embeddings=16,
-    commitment_cost=0.25,
-    dropout_rate=0.0,
-    classification_head_layers=2,
-)
+TINY = tiny.CHAPTER
 CHAPTER = dict(
     num_classes=50,
     embedding_dim=64,

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny
 
 from dlfb_localization import train as train_module
 from dlfb_localization.dataset import Dataset
@@ -12,14 +13,7 @@ from dlfb_localization.model import LocalizationModel
 from dlfb_localization.train import eval_step, train, train_step
 
 # No dropout, so that training and evaluation compute the same forward pass.
-MODEL = LocalizationModel(
-    num_classes=4,
-    embedding_dim=8,
-    num_embeddings=16,
-    commitment_cost=0.25,
-    dropout_rate=0.0,
-    classification_head_layers=2,
-)
+MODEL = LocalizationModel(**tiny.CHAPTER)
 # One optimizer object for the whole module: a new one recompiles the step.
 TX = optax.adam(3e-3)
 WEIGHT = jnp.float32(1.0)
