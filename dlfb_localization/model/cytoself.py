@@ -37,7 +37,7 @@ from dlfb_localization.model.encoder import Encoder, ResnetBlock
 from dlfb_localization.model.head import ClassificationHead
 from dlfb_localization.model.interface import cross_entropy, vq_metrics
 from dlfb_localization.model.quantizer import VectorQuantizer, VQOutput
-from dlfb_localization.model.vqvae import (
+from dlfb_localization.model.vq_family import (
     VQFamily,
     check_common_fields,
     summarise_level,

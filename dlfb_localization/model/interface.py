@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 from flax import struct
 from flax.training.train_state import TrainState
@@ -44,6 +45,7 @@ __all__ = [
     "cross_entropy",
     "level_suffix",
     "model_of",
+    "new_train_state",
     "usage_metrics",
 ]
 
@@ -129,3 +131,21 @@ def vq_metrics(vq: VQOutput, level: str) -> dict[str, jax.Array]:
         f"latent_norm{suffix}": vq.latent_norm,
         f"codebook_norm{suffix}": vq.codebook_norm,
     }
+
+
+def new_train_state(
+    model: nn.Module, params, tx: optax.GradientTransformation, collections=None
+) -> ModelState:
+    """What `TrainState.create` does, with the optimizer's init compiled once
+    rather than op by op (a new optimizer object must not recompile the model),
+    and with the step an int32 array rather than a Python int, as a restored
+    checkpoint has it: the steps then compile once for both."""
+    return ModelState(
+        step=jnp.zeros((), jnp.int32),
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        opt_state=jax.jit(tx.init)(params),
+        model=model,
+        collections=collections,
+    )

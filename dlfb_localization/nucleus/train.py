@@ -25,7 +25,7 @@ from dlfb_localization import checkpoint
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.history import History
 from dlfb_localization.loop import DataParallel, fit
-from dlfb_localization.model.vqvae import new_train_state
+from dlfb_localization.model.interface import new_train_state
 from dlfb_localization.nucleus.model import ConditionalUNet, PatchDiscriminator
 
 __all__ = [
