@@ -47,7 +47,25 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Run", "RunConfig", "build_splits", "create_state", "load_run", "train_run"]
 
-MODELS = ("chapter", "cytoself")
+
+def _chapter_model(config: "RunConfig", common: dict, splits) -> nn.Module:
+    return LocalizationModel(**common, encoder_type=config.encoder)
+
+
+def _cytoself_model(config: "RunConfig", common: dict, splits) -> nn.Module:
+    variance = 1.0
+    if not config.standardize_inputs:
+        variance = float(np.var(_init_sample(config, splits)))
+    return CytoselfModel(
+        **common, global_splits=config.global_splits, data_variance=variance
+    )
+
+
+# The families a run can train (`RunConfig.model`): each builds its module from
+# the run's settings and the fields every family shares (see `build_model`).
+# Adding a family: its module under `model/` and an entry here.
+MODELS = {"chapter": _chapter_model, "cytoself": _cytoself_model}
+
 SPLITS = {"train": 0.80, "valid": 0.10, "test": 0.10}
 CONFIG_FILE = "config.json"
 # Training frames drawn at initialisation (data variance, k-means).
@@ -128,7 +146,7 @@ class RunConfig:
         "and global codes, split quantization, a head on each level; train it on "
         "--channels 0,1 with --num-embeddings 2048 --head-layers 3 for the "
         "paper's sizes)",
-        choices=MODELS,
+        choices=tuple(MODELS),
     )
     global_splits: int = setting(9, "cytoself: sub-vectors per global code")
     ema_decay: float | None = setting(
@@ -277,14 +295,7 @@ def build_model(config: RunConfig, splits: dict[str, Dataset]) -> nn.Module:
         "dtype": config.compute_dtype,
         "codebook": config.codebook_options(),
     }
-    if config.model == "cytoself":
-        variance = 1.0
-        if not config.standardize_inputs:
-            variance = float(np.var(_init_sample(config, splits)))
-        return CytoselfModel(
-            **common, global_splits=config.global_splits, data_variance=variance
-        )
-    return LocalizationModel(**common, encoder_type=config.encoder)
+    return MODELS[config.model](config, common, splits)
 
 
 def _init_sample(config: RunConfig, splits: dict[str, Dataset]) -> np.ndarray:
