@@ -1,7 +1,7 @@
 """What every trainable model family provides, so that training, checkpoints,
 embeddings and evaluation never ask which family they hold.
 
-A family is a Flax module (`model.vqvae.VQFamily` holds what the VQ-VAE
+A family is a Flax module (`model.vq_family.VQFamily` holds what the VQ-VAE
 families share) with:
 
 - `create_train_state(rng, dummy_input, tx, init_images=None) -> ModelState`;
