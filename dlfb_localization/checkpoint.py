@@ -10,7 +10,7 @@ restored; the previous step stays valid.
 
 The configuration records everything that decides the result and can be
 recorded (`run_record`: `build_run_config` for the VQ families; other families
-build theirs from `describe_train_state`; both re-exported here). A stored run
+build theirs with `describe_run`; all re-exported here). A stored run
 is used only if its configuration matches; otherwise `ConfigMismatchError`
 names the differing fields.
 """
@@ -30,6 +30,7 @@ from dlfb_localization.history import History
 from dlfb_localization.run_record import (
     ConfigMismatchError,
     build_run_config,
+    describe_run,
     describe_train_state,
     find_config_differences,
     rng_record,
@@ -42,6 +43,7 @@ __all__ = [
     "ConfigMismatchError",
     "RestoredRun",
     "build_run_config",
+    "describe_run",
     "describe_train_state",
     "find_config_differences",
     "open_manager",

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ConfigMismatchError",
     "build_run_config",
+    "describe_run",
     "describe_train_state",
     "find_config_differences",
     "rng_record",
@@ -168,23 +169,57 @@ def build_run_config(
     Returns:
       A JSON-ready dict.
     """
-    described = describe_train_state(state)
-    config = {
-        "model": described["model"],
-        "num_epochs": num_epochs,
-        "batch_size": batch_size,
-        "classification_weight": classification_weight,
-        "eval_every": eval_every,
-        "augment": augment,
-        "data": {name: dataset_splits[name].fingerprint for name in ("train", "valid")},
-        "input_shape": list(dataset_splits["train"].image_shape),
-        "rng": rng_record(rng),
-        "optimizer": described["optimizer"],
-        "init_params": described["init_params"],
-        "settings": dict(settings or {}),
-    }
+    return describe_run(
+        {"model": state},
+        rng,
+        {name: dataset_splits[name] for name in ("train", "valid")},
+        settings,
+        num_epochs=num_epochs,
+        batch_size=batch_size,
+        classification_weight=classification_weight,
+        eval_every=eval_every,
+        augment=augment,
+    )
+
+
+def describe_run(
+    states: Mapping[str, TrainState],
+    rng: jax.Array,
+    splits: Mapping[str, Any],
+    settings: Mapping[str, Any] | None = None,
+    **arguments: Any,
+) -> dict[str, Any]:
+    """What decides a run of any family, as plain JSON.
+
+    Args:
+      states: the initial train state of each network, by name. One network's
+        description (`describe_train_state`) sits at the top level; several
+        sit under their names (e.g. a GAN's "generator" and "discriminator").
+      rng: the run's JAX key.
+      splits: the `Dataset`s trained (and validated) on, by name: their
+        fingerprints are recorded, and the first one's image shape.
+      settings: the caller's own description of the run, compared whole.
+      **arguments: the training function's arguments that decide the result.
+
+    Returns:
+      A JSON-ready dict.
+    """
+    if len(states) == 1:
+        described = describe_train_state(next(iter(states.values())))
+    else:
+        described = {name: describe_train_state(s) for name, s in states.items()}
+    first = next(iter(splits.values()))
     # Plain types (tuples as lists), so it compares equal to what JSON reads back.
-    return to_json(config)
+    return to_json(
+        {
+            **described,
+            **arguments,
+            "data": {name: split.fingerprint for name, split in splits.items()},
+            "input_shape": list(first.image_shape),
+            "rng": rng_record(rng),
+            "settings": dict(settings or {}),
+        }
+    )
 
 
 def describe_train_state(state: TrainState) -> dict[str, Any]:

@@ -263,34 +263,46 @@ def gan_train_step(
     return new_state, {**losses, "discriminator_loss": discriminator_loss}
 
 
-def _run_config(
+def _fit(
+    state,
     networks: Mapping[str, TrainState],
+    step,
     rng: jax.Array,
     train_split: Dataset,
+    *,
+    num_epochs: int,
+    batch_size: int,
+    store_path: str | os.PathLike | None,
     settings: Mapping[str, Any] | None,
-    **arguments: Any,
-) -> dict[str, Any]:
-    """What decides a nucleus run, as plain JSON: each network's model,
-    optimizer and initial parameters (`checkpoint.describe_train_state`; one
-    network's at the top level, several under their names), the training
-    arguments, the data's fingerprint, the key and the caller's `settings`."""
-    if len(networks) == 1:
-        (state,) = networks.values()
-        described = checkpoint.describe_train_state(state)
-    else:
-        described = {
-            name: checkpoint.describe_train_state(state)
-            for name, state in networks.items()
-        }
-    return checkpoint.to_json(
-        {
-            **described,
-            **arguments,
-            "data": {"train": train_split.fingerprint},
-            "input_shape": list(train_split.image_shape),
-            "rng": checkpoint.rng_record(rng),
-            "settings": dict(settings or {}),
-        }
+    losses: tuple[str, ...],
+    **recorded: Any,
+):
+    """`loop.fit` for either model: `state` placed on the devices, and with a
+    `store_path` the run's configuration (`checkpoint.describe_run` of
+    `networks`, the training arguments, `recorded` and `settings`)."""
+    parallel = DataParallel()
+    config = None
+    if store_path is not None:
+        config = checkpoint.describe_run(
+            networks,
+            rng,
+            {"train": train_split},
+            settings,
+            num_epochs=num_epochs,
+            batch_size=batch_size,
+            **recorded,
+        )
+    return fit(
+        parallel.place_state(state),
+        step,
+        train_split,
+        rng,
+        num_epochs=num_epochs,
+        batch_size=batch_size,
+        parallel=parallel,
+        store_path=store_path,
+        config=config,
+        losses=losses,
     )
 
 
@@ -340,30 +352,18 @@ def train_unet(
       checkpoint.ConfigMismatchError: `store_path` holds a different run.
     """
     check_split(train_split, count_embedded_proteins(state))
-    parallel = DataParallel()
-    state = parallel.place_state(state)
-    config = None
-    if store_path is not None:
-        config = _run_config(
-            {"unet": state},
-            rng,
-            train_split,
-            settings,
-            num_epochs=num_epochs,
-            batch_size=batch_size,
-            image_size=image_size,
-        )
-    return fit(
+    return _fit(
         state,
+        {"unet": state},
         functools.partial(unet_train_step, image_size=image_size),
-        train_split,
         rng,
+        train_split,
         num_epochs=num_epochs,
         batch_size=batch_size,
-        parallel=parallel,
         store_path=store_path,
-        config=config,
+        settings=settings,
         losses=("mse",),
+        image_size=image_size,
     )
 
 
@@ -402,32 +402,19 @@ def train_gan(
       checkpoint.ConfigMismatchError: `store_path` holds a different run.
     """
     check_split(train_split, count_embedded_proteins(state.generator))
-    parallel = DataParallel()
-    state = parallel.place_state(state)
-    config = None
-    if store_path is not None:
-        config = _run_config(
-            {"generator": state.generator, "discriminator": state.discriminator},
-            rng,
-            train_split,
-            settings,
-            num_epochs=num_epochs,
-            batch_size=batch_size,
-            image_size=image_size,
-            l1_weight=float(l1_weight),
-        )
-    step = functools.partial(
-        gan_train_step, image_size=image_size, l1_weight=float(l1_weight)
-    )
-    return fit(
+    return _fit(
         state,
-        step,
-        train_split,
+        {"generator": state.generator, "discriminator": state.discriminator},
+        functools.partial(
+            gan_train_step, image_size=image_size, l1_weight=float(l1_weight)
+        ),
         rng,
+        train_split,
         num_epochs=num_epochs,
         batch_size=batch_size,
-        parallel=parallel,
         store_path=store_path,
-        config=config,
+        settings=settings,
         losses=("generator_loss", "discriminator_loss"),
+        image_size=image_size,
+        l1_weight=float(l1_weight),
     )
