@@ -322,16 +322,10 @@ def create_state(config: RunConfig, splits: dict[str, Dataset]) -> ModelState:
 def _abstract_state(config: RunConfig, splits: dict[str, Dataset]) -> ModelState:
     """The shapes, dtypes and placement of the run's train state, without
     initialising it (what a checkpoint is restored into)."""
+    # k-means moves the codebook's values, not its shape (and runs on values).
+    plain = dataclasses.replace(config, kmeans_init=False)
+    abstract = jax.eval_shape(lambda: create_state(plain, splits))
     model = build_model(config, splits)
-    # k-means moves the codebook's values, not its shape.
-    plain = model.clone(codebook=dataclasses.replace(model.codebook, kmeans_init=False))
-    abstract = jax.eval_shape(
-        lambda: plain.create_train_state(
-            rng=_keys(config.seed).init,
-            dummy_input=splits["train"].get_dummy_input(),
-            tx=optax.adam(config.learning_rate),
-        )
-    )
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     placed = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
