@@ -35,6 +35,7 @@ __all__ = [
     "frame_protein_ids",
     "frame_rows",
     "get_frame_embeddings",
+    "histogram_levels",
     "iterate_inference_batches",  # from `inference`; documented here first
     "named_embeddings",
     "protein_localizations",
@@ -123,6 +124,18 @@ def named_embeddings(keys) -> dict[str, str]:
                 name = f"{level}_{kind}" if level else kind
                 found[(level != "", level, position)] = (name, key)
     return dict(found[order] for order in sorted(found))
+
+
+def histogram_levels(keys) -> dict[str, str]:
+    """`{level suffix: key}` of the code-use histograms among `keys`, finest
+    level first: `{"": "frame_histograms", "_global": "frame_histograms_global"}`
+    for a `CytoselfModel`'s embeddings."""
+    base = "frame_histograms"
+    return {
+        key.removeprefix(base): key
+        for key in named_embeddings(keys).values()
+        if key.startswith(base)
+    }
 
 
 def embedding_metric(name: str) -> str:

@@ -36,6 +36,7 @@ from dlfb_localization.embeddings import (
     embedding_metric,
     frame_protein_ids,
     get_frame_embeddings,
+    histogram_levels,
     named_embeddings,
     protein_localizations,
 )
@@ -266,11 +267,8 @@ def evaluate(
         **_score_localization_knn(dataset_split, frame_ids, features, k),
         "cluster_score": _score_clusters(dataset_split, features, random_state),
         **{
-            "codebook" + key.removeprefix("frame_histograms"): compute_codebook_health(
-                embeddings[key].sum(axis=0)
-            )
-            for key in named_embeddings(embeddings).values()
-            if key.startswith("frame_histograms")
+            f"codebook{suffix}": compute_codebook_health(embeddings[key].sum(axis=0))
+            for suffix, key in histogram_levels(embeddings).items()
         },
         "reconstruction_mse": compute_reconstruction_mse(
             state, dataset_split, batch_size

@@ -16,7 +16,7 @@ from dlfb_localization.embeddings import (
     aggregate_proteins,
     cluster_feature_spectrums,
     get_frame_embeddings,
-    named_embeddings,
+    histogram_levels,
 )
 from dlfb_localization.history import History
 from dlfb_localization.inspect.codebook import plot_codebook_usage
@@ -130,10 +130,7 @@ def write_model_figures(
             save(f"perplexity_{name}", fig)
         # Every level's codes: the chapter's one; a `CytoselfModel`'s global
         # level as well (`<name>_global`).
-        for key in named_embeddings(embeddings[name]).values():
-            if not key.startswith("frame_histograms"):
-                continue
-            level = key.removeprefix("frame_histograms")
+        for level, key in histogram_levels(embeddings[name]).items():
             title = titles[name] + (f" ({level[1:]} codes)" if level else "")
             _save_spectra(
                 save,

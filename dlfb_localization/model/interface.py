@@ -37,7 +37,7 @@ import optax
 from flax import struct
 from flax.training.train_state import TrainState
 
-from dlfb_localization.model.quantizer import VQOutput, compute_code_usage
+from dlfb_localization.model.quantizer import CodeUsage, VQOutput, compute_code_usage
 
 __all__ = [
     "FamilyOutputs",
@@ -106,6 +106,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     ).mean()
 
 
+def _usage(usage: CodeUsage | VQOutput, suffix: str) -> dict[str, jax.Array]:
+    return {
+        f"perplexity{suffix}": usage.perplexity,
+        f"codebook_used_fraction{suffix}": usage.used_fraction,
+        f"codebook_max_share{suffix}": usage.max_share,
+    }
+
+
 def usage_metrics(
     indices_by_level: Mapping[str, jax.Array], sizes: Mapping[str, int]
 ) -> dict[str, jax.Array]:
@@ -113,21 +121,17 @@ def usage_metrics(
     level's code indices, with the level's suffix."""
     metrics = {}
     for level, indices in indices_by_level.items():
-        suffix = level_suffix(level)
         usage = compute_code_usage(indices, sizes[level])
-        metrics[f"perplexity{suffix}"] = usage.perplexity
-        metrics[f"codebook_used_fraction{suffix}"] = usage.used_fraction
-        metrics[f"codebook_max_share{suffix}"] = usage.max_share
+        metrics.update(_usage(usage, level_suffix(level)))
     return metrics
 
 
 def vq_metrics(vq: VQOutput, level: str) -> dict[str, jax.Array]:
-    """One quantizer's reported scalars, with the level's suffix."""
+    """One quantizer's reported scalars, with the level's suffix: its code use
+    (as `usage_metrics`) and the norms of its inputs and codes."""
     suffix = level_suffix(level)
     return {
-        f"perplexity{suffix}": vq.perplexity,
-        f"codebook_used_fraction{suffix}": vq.used_fraction,
-        f"codebook_max_share{suffix}": vq.max_share,
+        **_usage(vq, suffix),
         f"latent_norm{suffix}": vq.latent_norm,
         f"codebook_norm{suffix}": vq.codebook_norm,
     }
