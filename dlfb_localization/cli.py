@@ -61,19 +61,38 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     run = load_run(args.store, progress=True)
     out = args.out or args.store / f"evaluation_{args.split}.json"
-    result = evaluate(run.state, run.splits[args.split], k=args.k, out_path=out)
-    for level in ("protein", "frame"):
-        scores = result["knn"][level]["all"]
-        print(
-            f"{level}-level {args.k}-NN accuracy: "
-            + ", ".join(
-                f"{name} {score['accuracy']:.3f}"
-                for name, score in scores.items()
-                if score is not None
-            )
-        )
+    result = evaluate(
+        run.state, run.splits[args.split], k=args.k, out_path=out, progress=True
+    )
+    print(_knn_summary(result, args.split, args.k))
     print(f"codebook: {json.dumps(result['codebook'])}")
     print(f"wrote {out}")
+
+
+def _knn_summary(result: dict, split: str, k: int) -> str:
+    """The k-NN accuracies of `evaluate`'s result ("all" label set) with what
+    they mean: how many proteins and classes, chance and the ceiling."""
+    labels = result["labels"]["all"]
+    lines = [
+        f"{split}: {result['n_frames']} frames of {result['n_proteins']} proteins, "
+        f"{labels['n_proteins']} annotated, {labels['n_classes']} localizations"
+    ]
+    for level in ("protein", "frame"):
+        scores = result["knn"][level]["all"]
+        ceiling = labels[f"{level}_accuracy_ceiling"]
+        chance = scores["majority_class"]
+        accuracies = ", ".join(
+            f"{name} {score['accuracy']:.3f}"
+            for name, score in scores.items()
+            if score is not None and name != "majority_class"
+        )
+        chance = "-" if chance is None else f"{chance['accuracy']:.3f}"
+        ceiling = "-" if ceiling is None else f"{ceiling:.3f}"
+        lines.append(
+            f"{level}-level {k}-NN accuracy: {accuracies or 'undefined'} "
+            f"(chance {chance}, ceiling {ceiling})"
+        )
+    return "\n".join(lines)
 
 
 def _embed(args: argparse.Namespace) -> None:
@@ -279,9 +298,12 @@ def _add_predict(commands) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
+    from dlfb_localization.console import console
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with console():
+            args.func(args)
     except (ValueError, OSError, KeyError) as error:
         print(f"dlfb-localization {args.command}: error: {error}", file=sys.stderr)
         return 2

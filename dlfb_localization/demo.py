@@ -85,7 +85,7 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
     }
     runs = {}
     for i, (name, (title, _)) in enumerate(MODELS.items()):
-        print(f"[2/5] training {i + 1} of {len(MODELS)}: {title}")
+        print(f"[2/5] model {i + 1} of {len(MODELS)}: {title}")
         runs[name] = train_run(configs[name], out / "runs" / name)
 
     print("[3/5] evaluating on unseen proteins (k-NN, cluster scores, UMAPs)")
@@ -101,7 +101,10 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
     for name, state in states.items():
         print(f"  {name}")
         results[name] = evaluate(
-            state, evaluation_split, out_path=out / "evaluation" / f"{name}.json"
+            state,
+            evaluation_split,
+            out_path=out / "evaluation" / f"{name}.json",
+            progress=True,
         )
 
     print("[4/5] writing the figures")

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import numpy as np
 from flax.training.train_state import TrainState
 from sklearn.decomposition import PCA
+from tqdm.auto import tqdm
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.embeddings import (
@@ -187,6 +188,7 @@ def evaluate(
     random_state: int = 0,
     batch_size: int = 256,
     out_path: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> dict:
     """Localization k-NN, cluster score, codebook health and MSE of one split.
 
@@ -230,6 +232,8 @@ def evaluate(
       batch_size: frames per device call.
       out_path: if given, the result is also written there as JSON (through a
         temporary file that is renamed into place).
+      progress: show a progress bar over the stages (embeddings, PCA, k-NN,
+        one UMAP per embedding, reconstructions).
 
     Returns:
       A JSON-ready dict: `n_frames`, `n_proteins`, `settings`,
@@ -240,8 +244,13 @@ def evaluate(
       (`compute_codebook_health`; `codebook_global` too for a `CytoselfModel`)
       and `reconstruction_mse`.
     """
+    bar = tqdm(desc="evaluating", total=4, unit="stage", disable=not progress)
+    bar.set_postfix_str("embeddings")
     embeddings = get_frame_embeddings(state, dataset_split, batch_size)
+    bar.update()
+    bar.set_postfix_str("pixel PCA")
     pca = compute_pixel_pca(dataset_split, random_state=random_state)
+    bar.update()
     frame_ids = embeddings["frame_ids"]
     # The per-frame labels below are in the split's frame-id order; so are these.
     assert np.array_equal(frame_ids, dataset_split.labels.frame_ids)
@@ -251,6 +260,15 @@ def evaluate(
         for name, key in named_embeddings(embeddings).items()
     }
     features["pixels_pca"] = pca["features"]
+    bar.total = 4 + len(features)
+    bar.set_postfix_str("k-NN")
+    knn = _score_localization_knn(dataset_split, frame_ids, features, k)
+    bar.update()
+    clusters = _score_clusters(dataset_split, features, random_state, bar)
+    bar.set_postfix_str("reconstructions")
+    mse = compute_reconstruction_mse(state, dataset_split, batch_size)
+    bar.update()
+    bar.close()
     result: dict = {
         "n_frames": len(frame_ids),
         "n_proteins": dataset_split.labels.get_n_proteins(),
@@ -264,15 +282,13 @@ def evaluate(
             "pca_components": int(pca["features"].shape[1]),
             "umap": {"n_neighbors": UMAP_NEIGHBORS, "min_dist": UMAP_MIN_DIST},
         },
-        **_score_localization_knn(dataset_split, frame_ids, features, k),
-        "cluster_score": _score_clusters(dataset_split, features, random_state),
+        **knn,
+        "cluster_score": clusters,
         **{
             f"codebook{suffix}": compute_codebook_health(embeddings[key].sum(axis=0))
             for suffix, key in histogram_levels(embeddings).items()
         },
-        "reconstruction_mse": compute_reconstruction_mse(
-            state, dataset_split, batch_size
-        ),
+        "reconstruction_mse": mse,
     }
     if out_path is not None:
         write_json(result, out_path)
@@ -345,23 +361,32 @@ def _score_level(
 
 
 def _score_clusters(
-    dataset_split: Dataset, features: Mapping[str, np.ndarray], random_state: int
+    dataset_split: Dataset,
+    features: Mapping[str, np.ndarray],
+    random_state: int,
+    bar: tqdm,
 ) -> dict[str, dict[str, float | None]]:
-    """`cluster_score[subset][embedding]` of `evaluate`."""
+    """`cluster_score[subset][embedding]` of `evaluate`; `bar` advances by one
+    per embedding."""
     subsets = {
         mode: dataset_split.labels.localizations(mode)
         for mode in ("predominant", "single")
     }
     scores: dict[str, dict[str, float | None]] = {mode: {} for mode in subsets}
     for name, values in features.items():
-        if len(values) < _UMAP_MIN_FRAMES:
-            for mode in subsets:
-                scores[mode][name] = None
-            continue
-        points, metric = to_metric_space(values, _metric(name))
-        coordinates = project_2d(points, metric=metric, random_state=random_state)
+        bar.set_postfix_str(f"UMAP of {name}")
+        coordinates = None
+        if len(values) >= _UMAP_MIN_FRAMES:
+            points, metric = to_metric_space(values, _metric(name))
+            coordinates = project_2d(points, metric=metric, random_state=random_state)
         for mode, labels in subsets.items():
             mask = labels != ""
-            score = compute_cluster_score(coordinates[mask], labels[mask])
-            scores[mode][name] = _finite_or_none(score)
+            scores[mode][name] = (
+                None
+                if coordinates is None
+                else _finite_or_none(
+                    compute_cluster_score(coordinates[mask], labels[mask])
+                )
+            )
+        bar.update()
     return scores

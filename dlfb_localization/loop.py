@@ -166,7 +166,10 @@ def fit(
     order and without dropping frames, after epochs with `epoch % eval_every ==
     0` and after the last. A non-finite value of one of `losses` stops the run
     (`NonFiniteLossError`) before the epoch is checkpointed. `on_epoch` then
-    sees the metrics and returns the progress bar's text.
+    sees the metrics and returns the progress bar's text. The bar counts steps
+    ("Epoch e/n", with ", validating" and ", saving" while it does those); it
+    says what it does ("training", "resuming", "restored") through the module's
+    logger.
 
     With `store_path`, an Orbax checkpoint (state, epoch, metrics, `config`) is
     written after every epoch (`checkpoint.save_epoch`). Called again with the
@@ -229,43 +232,68 @@ def fit(
                 history = HistoryLogger(resumed.metrics)
                 start_epoch = resumed.epoch + 1
                 if start_epoch >= num_epochs:
-                    logger.info("restored the finished run in %s", store_path)
+                    logger.info(
+                        "restored the finished run in %s (%d epochs); nothing to train",
+                        store_path,
+                        num_epochs,
+                    )
                     return state, history.export()
-                logger.info("resuming %s at epoch %d", store_path, start_epoch)
-
-        epochs = tqdm(
-            range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs
-        )
-        for epoch in epochs:
-            epochs.set_description(f"Epoch {epoch + 1}")
-            first_step = int(state.step)
-            batches = train_split.get_batches(
-                jax.random.fold_in(rng_data, epoch), batch_size
+                logger.info(
+                    "resuming %s after epoch %d of %d",
+                    store_path,
+                    start_epoch,
+                    num_epochs,
+                )
+        if start_epoch == 0:
+            logger.info(
+                "training %d epoch%s%s",
+                num_epochs,
+                "" if num_epochs == 1 else "s",
+                "" if store_path is None else f", checkpointed in {store_path}",
             )
-            # Reads and host-to-device copies overlap with the running step.
-            sharding = parallel.batch_sharding(batch_size)
-            for batch in prefetch_to_device(batches, device=sharding):
-                state, metrics = step(state, _model_inputs(batch))
-                history.log_step("train", metrics, weight=len(batch["labels"]))
 
-            if evaluate is not None and (
-                epoch % eval_every == 0 or epoch == num_epochs - 1
-            ):
-                for batch in eval_split.get_batches(
-                    rng_data, batch_size, shuffle=False, drop_remainder=False
+        steps_per_epoch = len(train_split) // batch_size
+        bar = tqdm(
+            total=num_epochs * steps_per_epoch,
+            initial=start_epoch * steps_per_epoch,
+            unit="step",
+        )
+        with bar:
+            for epoch in range(start_epoch, num_epochs):
+                bar.set_description(f"Epoch {epoch + 1}/{num_epochs}")
+                first_step = int(state.step)
+                batches = train_split.get_batches(
+                    jax.random.fold_in(rng_data, epoch), batch_size
+                )
+                # Reads and host-to-device copies overlap with the running step.
+                sharding = parallel.batch_sharding(batch_size)
+                for batch in prefetch_to_device(batches, device=sharding):
+                    state, metrics = step(state, _model_inputs(batch))
+                    history.log_step("train", metrics, weight=len(batch["labels"]))
+                    bar.update()
+
+                if evaluate is not None and (
+                    epoch % eval_every == 0 or epoch == num_epochs - 1
                 ):
-                    sharding = parallel.batch_sharding(len(batch["labels"]))
-                    inputs = jax.device_put(_model_inputs(batch), sharding)
-                    metrics = evaluate(state, inputs)
-                    history.log_step("valid", metrics, weight=len(batch["labels"]))
+                    bar.set_description(f"Epoch {epoch + 1}/{num_epochs}, validating")
+                    for batch in eval_split.get_batches(
+                        rng_data, batch_size, shuffle=False, drop_remainder=False
+                    ):
+                        sharding = parallel.batch_sharding(len(batch["labels"]))
+                        inputs = jax.device_put(_model_inputs(batch), sharding)
+                        metrics = evaluate(state, inputs)
+                        history.log_step("valid", metrics, weight=len(batch["labels"]))
 
-            _check_finite(history.flush(epoch), epoch, first_step, losses)
-            if on_epoch is None:
-                epochs.set_postfix_str(history.latest(losses))
-            else:
-                epochs.set_postfix_str(on_epoch(history, epoch))
-            if manager is not None:
-                checkpoint.save_epoch(manager, state, epoch, config, history.export())
+                _check_finite(history.flush(epoch), epoch, first_step, losses)
+                if on_epoch is None:
+                    bar.set_postfix_str(history.latest(losses))
+                else:
+                    bar.set_postfix_str(on_epoch(history, epoch))
+                if manager is not None:
+                    bar.set_description(f"Epoch {epoch + 1}/{num_epochs}, saving")
+                    checkpoint.save_epoch(
+                        manager, state, epoch, config, history.export()
+                    )
     finally:
         if manager is not None:
             manager.close()

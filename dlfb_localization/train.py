@@ -3,6 +3,7 @@ which runs them through the shared epoch loop (`loop.fit`)."""
 
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.training.train_state import TrainState
+from tqdm.auto import tqdm
 
 from dlfb_localization import checkpoint
 from dlfb_localization.dataset import Dataset
@@ -325,10 +327,12 @@ def _watch_health(history: HistoryLogger, epoch: int) -> str:
     history.record("train", epoch, flags)
     for issue in issues:
         if not previous.get(f"health_{issue.check}"):
-            # Attributed to the caller of `train` (here <- loop.fit <- train).
-            warnings.warn(
-                f"epoch {epoch + 1}: {issue.message}", TrainingHealthWarning, 4
-            )
+            # Attributed to the caller of `train` (here <- loop.fit <- train);
+            # the progress bars are cleared while it prints, then redrawn.
+            with tqdm.external_write_mode(file=sys.stderr):
+                warnings.warn(
+                    f"epoch {epoch + 1}: {issue.message}", TrainingHealthWarning, 4
+                )
     text = history.latest(["total_loss", "perplexity"])
     failed = sorted({issue.check for issue in issues})
     return text + (f" | unhealthy: {', '.join(failed)}" if failed else "")

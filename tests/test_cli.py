@@ -43,7 +43,7 @@ def trained(module_tiny_release, tmp_path_factory):
     return train, store, main([*train, "--epochs", "2"])
 
 
-def test_train_evaluate_embed_and_figures_from_a_run_folder(trained, tmp_path):
+def test_train_evaluate_embed_and_figures_from_a_run_folder(trained, tmp_path, capsys):
     _, store, exit_code = trained
     assert exit_code == 0
     config = json.loads((store / "config.json").read_text())
@@ -51,9 +51,17 @@ def test_train_evaluate_embed_and_figures_from_a_run_folder(trained, tmp_path):
     metrics = json.loads((store / "metrics.json").read_text())
     assert [r["epoch"] for r in metrics["train"]["total_loss"]] == [0, 1]
 
+    capsys.readouterr()
     assert main(["evaluate", "--store", str(store), "--split", "train"]) == 0
     result = json.loads((store / "evaluation_train.json").read_text())
     assert result["n_proteins"] == 6
+    # What the accuracies mean is printed beside them; the stages show a bar.
+    printed = capsys.readouterr()
+    assert "frames of 6 proteins" in printed.out
+    chance = result["knn"]["protein"]["all"]["majority_class"]["accuracy"]
+    ceiling = result["labels"]["all"]["protein_accuracy_ceiling"]
+    assert f"(chance {chance:.3f}, ceiling {ceiling:.3f})" in printed.out
+    assert "evaluating: 100%" in printed.err
     assert result["knn"]["protein"]["all"]["codebook_histogram"] is not None
 
     out = tmp_path / "embeddings"
@@ -82,6 +90,21 @@ def test_train_evaluate_embed_and_figures_from_a_run_folder(trained, tmp_path):
     )
     names = {p.name for p in figures.glob("*.png")}
     assert {"umap.png", "reconstructions_run.png", "losses_run.png"} <= names
+
+
+def test_training_counts_steps_and_a_rerun_says_it_restores(
+    module_tiny_release, tmp_path, capsys
+):
+    path, _, _ = module_tiny_release
+    train = ["train", "--data", str(path), "--store", str(tmp_path / "run")]
+    assert main([*train, *TINY_MODEL, "--epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    # 72 frames, 80% for training: 57 frames, 7 steps of 8 per epoch.
+    assert "training 2 epochs, checkpointed in" in err
+    assert "Epoch 2/2" in err and "14/14" in err
+    assert main([*train, *TINY_MODEL, "--epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "restored the finished run" in err and "Epoch" not in err
 
 
 def test_train_refuses_a_store_with_other_settings(trained, capsys):
