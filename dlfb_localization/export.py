@@ -18,6 +18,11 @@ For example, in a fresh Python session::
     y = data["protein_localizations"]          # [n_proteins] str
 
 R reads the CSV files directly and the arrays with `reticulate` or `RcppCNPy`.
+
+In the CSV files, a text cell that a spreadsheet would run as a formula (one
+starting with `=`, `+`, `-`, `@`, a tab or a carriage return, e.g. a gene
+named `=1+2`) is written with a leading `'`, as OWASP advises against CSV
+injection; the `.npz` keeps the text as it is.
 """
 
 import os
@@ -40,6 +45,21 @@ _LABEL_COLUMNS = ("ensg", "name", "loc_grade1", "loc_grade2", "loc_grade3")
 def _text(values) -> np.ndarray:
     """Fixed-width unicode array (never an object array, which needs pickle)."""
     return np.asarray([str(v) for v in values], dtype=str).reshape(len(values))
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with a `'` before every text cell a spreadsheet would evaluate."""
+    safe = table.copy()
+    for column in safe.columns:
+        if not pd.api.types.is_numeric_dtype(safe[column]):
+            safe[column] = [
+                f"'{v}" if isinstance(v, str) and v.startswith(_FORMULA_STARTS) else v
+                for v in safe[column]
+            ]
+    return safe
 
 
 def export_embeddings(
@@ -139,8 +159,8 @@ def export_embeddings(
     try:
         with open(temporary["arrays"], "wb") as f:
             np.savez_compressed(f, **arrays)
-        frames_table.to_csv(temporary["frames"], index=False)
-        proteins_table.to_csv(temporary["proteins"], index=False)
+        _spreadsheet_safe(frames_table).to_csv(temporary["frames"], index=False)
+        _spreadsheet_safe(proteins_table).to_csv(temporary["proteins"], index=False)
         for key, path in paths.items():
             os.replace(temporary[key], path)
     finally:

@@ -111,3 +111,26 @@ def test_export_rejects_embeddings_of_another_split(tmp_path):
     embeddings = {**embeddings, "frame_ids": embeddings["frame_ids"] + 1000}
     with pytest.raises(ValueError, match="not in this split"):
         export_embeddings(split, embeddings, tmp_path)
+
+
+def test_text_a_spreadsheet_would_run_is_defused_in_the_csv_only(tmp_path):
+    names = np.array(["=1+2", "+SUM(A1)", "@cmd", "-GENE"])
+    proteins = np.arange(8) % 4
+    split = Dataset.from_arrays(
+        np.zeros((8, 4, 4, 1), dtype=np.float32), proteins, names=names[proteins]
+    )
+    embeddings = {
+        "frame_ids": split.labels.frame_ids,
+        "frame_histograms": np.ones((8, 3), dtype=np.int32),
+        "frame_vectors": -np.ones((8, 2), dtype=np.float32),
+    }
+
+    paths = export_embeddings(split, embeddings, tmp_path, name="valid")
+
+    table = pd.read_csv(paths["proteins"], keep_default_na=False)
+    assert list(table["name"]) == ["'=1+2", "'+SUM(A1)", "'@cmd", "'-GENE"]
+    frames = pd.read_csv(paths["frames"], keep_default_na=False)
+    assert set(frames["name"]) == {"'=1+2", "'+SUM(A1)", "'@cmd", "'-GENE"}
+    with np.load(paths["arrays"]) as data:
+        assert list(data["protein_names"]) == list(names)
+        assert (data["frame_vectors"] == -1).all()  # numbers are left alone
