@@ -12,6 +12,7 @@ earlier notebook ran in the same pytest-xdist worker: workers share no folder).
 Each notebook also runs alone (e.g. `-k 05`); it then trains what it needs.
 """
 
+import sys
 from pathlib import Path
 
 import nbformat
@@ -133,3 +134,33 @@ def test_notebook_runs(path, workdir):
             if f'assets("localization/models/{name}")' in cell.source:
                 log = "".join(o.get("text", "") for o in cell.get("outputs", []))
                 assert "Epoch" not in log, f"trained {name!r} again, not restored"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_on_colab_the_install_cell_installs_the_checkout_it_finds(
+    path, monkeypatch, tmp_path
+):
+    """The first code cell, run as on Colab (a `google.colab` module present)
+    from the repository's `colab/` folder, pip-installs the repository's root;
+    with no checkout and no REPOSITORY set it stops with what to do."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    notebook = nbformat.read(path, as_version=4)
+    install = next(cell for cell in notebook.cells if cell.cell_type == "code")
+    code = TransformerManager().transform_cell(install.source)
+    magics = []
+
+    class Shell:
+        def run_line_magic(self, name, line, _stack_depth=1):
+            magics.append((name, line.format(**namespace)))
+
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    monkeypatch.chdir(path.parent)
+    namespace = {"get_ipython": Shell}
+    exec(code, namespace)
+    assert magics == [("pip", f"install -q {path.parent.parent}")]
+
+    monkeypatch.chdir(tmp_path)
+    namespace = {"get_ipython": Shell}
+    with pytest.raises(RuntimeError, match="clone the repository"):
+        exec(code, namespace)
