@@ -201,6 +201,11 @@ def _report(configs, runs, results, figures, out: Path, seconds: float) -> str:
         "distance. Cluster score: UMAP of the frames of the nine (higher is "
         "tighter). Macro-F1 is in `report.json`.",
         "",
+        f"These are one run's numbers (seed {config['seed']}). They move with the "
+        "seed, and with the machine (XLA's float order differs between CPUs): "
+        "README.md gives their mean and spread over three seeds, and another run "
+        "lands within about that spread.",
+        "",
         "| model | embedding | "
         + " | ".join(f"{level}, {label_set}" for level, label_set in _KNN_COLUMNS)
         + " | cluster score |",

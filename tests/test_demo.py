@@ -51,6 +51,7 @@ def test_demo_writes_every_figure_and_the_report(tiny_demo, tmp_path, capsys):
     results = json.loads((out / "report.json").read_text())
     assert set(results) == {"untrained", "with_head", "without_head"}
     assert "| No ClassificationHead | codebook_histogram |" in text
+    assert "These are one run's numbers (seed 42)" in text
     assert str(report.resolve()) in capsys.readouterr().out
 
     # A second run restores both models instead of training them again.
