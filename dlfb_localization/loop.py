@@ -52,7 +52,8 @@ class DataParallel:
     single-device training. For several hosts, call `jax.distributed.initialize()`
     first on every host: `jax.devices()` then spans all of them and each host
     must feed the same global batches (the data order is a pure function of the
-    seed, so it does).
+    seed, so it does). Tested with two CPU processes (Gloo collectives): they end
+    with the parameters of one process driving two devices.
     """
 
     def __init__(self, devices=None):

@@ -7,12 +7,16 @@ mid-run and start it again:
 
 With --report it prints the final metrics as JSON and saves the trained model's
 outputs on the validation frames to STORE_PATH/outputs.npz, so runs on different
-device counts can be compared.
+device counts can be compared. With --process I --processes N --coordinator
+HOST:PORT it is process I of N of one distributed JAX run (CPU devices, Gloo
+collectives); each process then writes its report and parameters to
+STORE_PATH/process_I/.
 """
 
 import argparse
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 
@@ -20,6 +24,7 @@ import jax
 import numpy as np
 import optax
 import tiny
+from flax import traverse_util
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.history import History
@@ -90,12 +95,17 @@ def run(
     )
 
 
+def local_params(state: TrainState) -> dict:
+    """The parameters as this process holds them (its copy of the replicas)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+
+
 def predict_valid(state: TrainState, splits: dict[str, Dataset]) -> dict:
     """The model's `decoded` and `logits` for all validation frames."""
     valid = splits["valid"].get_batches(None, 64, shuffle=False, drop_remainder=False)
     images = next(valid)["images"]
     decoded, *_, logits = state.apply_fn(
-        {"params": state.params}, images, is_training=False
+        {"params": local_params(state)}, images, is_training=False
     )
     return {"decoded": np.asarray(decoded), "logits": np.asarray(logits)}
 
@@ -105,7 +115,17 @@ def main() -> None:
     parser.add_argument("store_path")
     parser.add_argument("--seconds-per-batch", type=float, default=0.0)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--process", type=int)
+    parser.add_argument("--processes", type=int)
+    parser.add_argument("--coordinator")
     args = parser.parse_args()
+    out = args.store_path
+    if args.processes:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            args.coordinator, num_processes=args.processes, process_id=args.process
+        )
+        out = f"{args.store_path}/process_{args.process}"
     # The library's own logger only (absl already configured the root logger).
     library_logger = logging.getLogger("dlfb_localization")
     library_logger.addHandler(logging.StreamHandler())
@@ -115,8 +135,15 @@ def main() -> None:
         splits["train"] = SlowBatches(splits["train"], args.seconds_per_batch)
     state, metrics = run(args.store_path, splits=splits)
     if args.report:
-        np.savez(f"{args.store_path}/outputs.npz", **predict_valid(state, splits))
-        report = {"devices": jax.device_count(), "metrics": metrics}
+        os.makedirs(out, exist_ok=True)
+        np.savez(f"{out}/outputs.npz", **predict_valid(state, splits))
+        flat = traverse_util.flatten_dict(local_params(state), sep="/")
+        np.savez(f"{out}/params.npz", **flat)
+        report = {
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "metrics": metrics,
+        }
         print("REPORT " + json.dumps(report))
 
 

@@ -1,7 +1,9 @@
-"""Data parallelism: two (forced host) devices train like one."""
+"""Data parallelism: two (forced host) devices train like one, and two JAX
+processes of one device each train like one process with two devices."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,28 +11,39 @@ from pathlib import Path
 import _train_worker as worker
 import jax
 import numpy as np
+import pytest
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 
 
-def _report(tmp_path, n_devices):
+def _worker_env(n_devices: int) -> dict[str, str]:
     env = dict(os.environ)
     devices = f"--xla_force_host_platform_device_count={n_devices}"
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {devices}".strip()
     env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _read_report(out: str, folder: Path) -> dict:
+    line = next(line for line in out.splitlines() if line.startswith("REPORT "))
+    report = json.loads(line.removeprefix("REPORT "))
+    with np.load(folder / "outputs.npz") as outputs:
+        report.update(outputs)
+    with np.load(folder / "params.npz") as params:
+        report["params"] = dict(params)
+    return report
+
+
+def _report(tmp_path, n_devices):
     out = subprocess.run(
         [sys.executable, str(WORKER), str(tmp_path / f"run{n_devices}"), "--report"],
-        env=env,
+        env=_worker_env(n_devices),
         capture_output=True,
         text=True,
         check=True,
         timeout=300,
     ).stdout
-    line = next(line for line in out.splitlines() if line.startswith("REPORT "))
-    report = json.loads(line.removeprefix("REPORT "))
-    with np.load(tmp_path / f"run{n_devices}" / "outputs.npz") as outputs:
-        report.update(outputs)
-    return report
+    return _read_report(out, tmp_path / f"run{n_devices}")
 
 
 def _one_device_report(reference_run, tmp_path):
@@ -44,8 +57,16 @@ def _one_device_report(reference_run, tmp_path):
     return {"devices": jax.device_count(), "metrics": metrics, **outputs}
 
 
-def test_two_devices_give_the_metrics_of_one(reference_run, tmp_path):
-    one, two = _one_device_report(reference_run, tmp_path), _report(tmp_path, 2)
+@pytest.fixture(scope="module")
+def two_device_report(tmp_path_factory):
+    """The seeded worker run in one process with two (forced host) devices."""
+    return _report(tmp_path_factory.mktemp("two_devices"), 2)
+
+
+def test_two_devices_give_the_metrics_of_one(
+    reference_run, two_device_report, tmp_path
+):
+    one, two = _one_device_report(reference_run, tmp_path), two_device_report
     assert (one["devices"], two["devices"]) == (1, 2)
     for split in ("train", "valid"):
         for name, records in one["metrics"][split].items():
@@ -58,3 +79,73 @@ def test_two_devices_give_the_metrics_of_one(reference_run, tmp_path):
     # steps, yet GroupNorm removes that bias from every output.)
     for name in ("decoded", "logits"):
         np.testing.assert_allclose(two[name], one[name], rtol=1e-3, atol=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_train_exactly_like_one_process_with_two_devices(
+    two_device_report, tmp_path
+):
+    """`train` in two JAX processes (`jax.distributed.initialize`, a local
+    coordinator, one CPU device each, Gloo collectives): the path a pod slice
+    or several GPU hosts take. Each process feeds the same global batches and
+    keeps its share; both end with the parameters, metrics and outputs of one
+    process driving two devices, which runs the same SPMD program. (Equal up to
+    float tolerance is what is promised; on this machine they agree to the
+    bit.)"""
+    coordinator = f"localhost:{_free_port()}"
+    store = tmp_path / "run"
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                str(store),
+                "--report",
+                *("--process", str(i), "--processes", "2"),
+                *("--coordinator", coordinator),
+            ],
+            env=_worker_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    reports = []
+    try:
+        for i, process in enumerate(processes):
+            out, err = process.communicate(timeout=300)
+            assert process.returncode == 0, err[-3000:]
+            reports.append(_read_report(out, store / f"process_{i}"))
+    finally:
+        for process in processes:
+            process.kill()
+    two = two_device_report
+    for report in reports:
+        assert (report["processes"], report["devices"]) == (2, 2)
+        assert report["params"].keys() == two["params"].keys()
+        for name, value in report["params"].items():
+            np.testing.assert_allclose(
+                value, two["params"][name], rtol=1e-5, atol=1e-7, err_msg=name
+            )
+        for split in ("train", "valid"):
+            for name, records in two["metrics"][split].items():
+                np.testing.assert_allclose(
+                    [r["mean"] for r in report["metrics"][split][name]],
+                    [r["mean"] for r in records],
+                    rtol=1e-5,
+                    err_msg=name,
+                )
+        for name in ("decoded", "logits"):
+            np.testing.assert_allclose(report[name], two[name], rtol=1e-5, atol=1e-6)
+    # The replicas of the two processes are the same arrays.
+    for name, value in reports[0]["params"].items():
+        np.testing.assert_array_equal(value, reports[1]["params"][name])
+    # Both processes checkpointed into the one store, as one run.
+    last_step = worker.NUM_EPOCHS * (worker.TRAIN_FRAMES // worker.BATCH_SIZE)
+    assert (store / str(last_step) / "commit_success.txt").is_file()
