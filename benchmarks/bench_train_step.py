@@ -6,6 +6,7 @@ Run by hand (never by the tests):
     python benchmarks/bench_train_step.py --steps 20   # a steadier estimate
     python benchmarks/bench_train_step.py --microbatches 1  # one pass per step
     python benchmarks/bench_train_step.py --dtype bfloat16  # mixed precision
+    python benchmarks/bench_train_step.py --peak-tflops 989  # share of a peak
 
 It times `train_step` on random 100x100x1 inputs (batch 256, K=512, D=64, 50
 classes, Adam 1e-3) after warm-up steps that include compilation, with the
@@ -13,7 +14,8 @@ passes per step that `train` uses (`default_microbatches`), and prints one JSON
 object: images per second, seconds per step, compile time, the process's peak
 resident memory and, on CPU, the step's share of this machine's float32 matmul
 rate measured in the same process (a 2048^3 `jnp.dot`, best of 5 rounds),
-counting `FLOP_PER_IMAGE` for a train step.
+counting `FLOP_PER_IMAGE` for a train step. With `--peak-tflops` (e.g. a GPU's
+datasheet peak for the dtype) it also prints the step's share of that peak.
 """
 
 import argparse
@@ -57,6 +59,12 @@ def _parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--microbatches", type=int, default=None, help="default: what train uses"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak for --dtype, to print the step's share of it",
     )
     return parser.parse_args()
 
@@ -133,6 +141,10 @@ def main() -> None:
                 * FLOP_PER_IMAGE
                 / 1e9
                 / matmul_gflops,
+                "fraction_of_peak": None
+                if args.peak_tflops is None
+                else images_per_s * FLOP_PER_IMAGE / 1e12 / args.peak_tflops,
+                "peak_tflops_assumed": args.peak_tflops,
                 "microbatches": microbatches,
                 "dtype": args.dtype,
                 "s_per_step": elapsed / args.steps,
