@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.synthetic import SyntheticSpec, write_release
+from dlfb_localization.embeddings import get_frame_embeddings
 from dlfb_localization.evaluate import evaluate
 from dlfb_localization.figures import save_figure, write_model_figures
 from dlfb_localization.files import write_json, write_text
@@ -66,10 +67,11 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
     `figures/*.png` and `report.md`.
     """
     out = Path(out_dir)
-    started = time.perf_counter()
-    print(
-        f"[1/5] writing the embedded sample and {EVALUATION_SAMPLE.n_proteins} "
-        "unseen proteins for evaluation"
+    clock = _Clock(total=5)
+    clock.stage(
+        "data",
+        f"writing the embedded sample and {EVALUATION_SAMPLE.n_proteins} unseen "
+        "proteins for evaluation",
     )
     write_release(out / "data", EMBEDDED_SAMPLE, progress=True)
     write_release(out / "evaluation_data", EVALUATION_SAMPLE, progress=True)
@@ -83,12 +85,15 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
         )
         for name, (_, weight) in MODELS.items()
     }
+    clock.stage("training", f"training (or restoring) {len(MODELS)} models")
     runs = {}
     for i, (name, (title, _)) in enumerate(MODELS.items()):
-        print(f"[2/5] model {i + 1} of {len(MODELS)}: {title}")
+        print(f"  model {i + 1} of {len(MODELS)}: {title}")
         runs[name] = train_run(configs[name], out / "runs" / name)
 
-    print("[3/5] evaluating on unseen proteins (k-NN, cluster scores, UMAPs)")
+    clock.stage(
+        "evaluation", "evaluating on unseen proteins (k-NN, cluster scores, UMAPs)"
+    )
     evaluation_split = DatasetBuilder(out / "evaluation_data").build(
         rng=seed, splits={"evaluation": 1.0}
     )["evaluation"]
@@ -97,17 +102,19 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
         UNTRAINED[0]: create_state(first.config, first.splits),
         **{name: run.state for name, run in runs.items()},
     }
-    results = {}
+    results, embeddings = {}, {}
     for name, state in states.items():
         print(f"  {name}")
+        embeddings[name] = get_frame_embeddings(state, evaluation_split)
         results[name] = evaluate(
             state,
             evaluation_split,
             out_path=out / "evaluation" / f"{name}.json",
             progress=True,
+            frame_embeddings=embeddings[name],
         )
 
-    print("[4/5] writing the figures")
+    clock.stage("figures", "writing the figures")
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     train_split = first.splits["train"]
@@ -123,17 +130,38 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
         figures,
         rng=first.rng_frames,
         titles={name: title for name, (title, _) in MODELS.items()},
+        frame_embeddings=embeddings,
     )
 
-    print("[5/5] writing the report")
+    clock.stage("report", "writing the report")
     report = out / "report.md"
     write_json(results, out / "report.json")
-    write_text(
-        _report(configs, runs, results, written, out, time.perf_counter() - started),
-        report,
-    )
+    write_text(_report(configs, runs, results, written, out, clock.seconds), report)
+    clock.stop()
     print(f"run folder: {out.resolve()}\nreport: {report.resolve()}")
     return report
+
+
+class _Clock:
+    """Prints each stage as `[i/n] what` when it starts and its time when it
+    ends; `seconds` holds the finished stages' times."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.seconds: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
+
+    def stage(self, name: str, text: str) -> None:
+        self.stop()
+        print(f"[{len(self.seconds) + 1}/{self.total}] {text}", flush=True)
+        self._current = (name, time.perf_counter())
+
+    def stop(self) -> None:
+        if self._current is not None:
+            name, start = self._current
+            self.seconds[name] = time.perf_counter() - start
+            print(f"      {name} took {self.seconds[name]:.0f} s", flush=True)
+            self._current = None
 
 
 # The k-NN table's columns: (level, label set).
@@ -171,7 +199,7 @@ def _training_health(runs, titles) -> list[str]:
     return [*lines, ""]
 
 
-def _report(configs, runs, results, figures, out: Path, seconds: float) -> str:
+def _report(configs, runs, results, figures, out: Path, seconds: dict) -> str:
     titles = {UNTRAINED[0]: UNTRAINED[1], **{n: t for n, (t, _) in MODELS.items()}}
     config = dataclasses.asdict(next(iter(configs.values())))
     config.pop("classification_weight")
@@ -183,7 +211,9 @@ def _report(configs, runs, results, figures, out: Path, seconds: float) -> str:
         f"{len(next(iter(runs.values())).splits['train'])} training frames. "
         f"Evaluated on {reference['n_frames']} frames of {reference['n_proteins']} "
         "unseen proteins (`evaluation_data/`). Run took "
-        f"{seconds / 60:.1f} min.",
+        f"{sum(seconds.values()) / 60:.1f} min ("
+        + ", ".join(f"{stage} {s:.0f} s" for stage, s in seconds.items())
+        + ").",
         "",
         "Training: " + ", ".join(f"{k}={v}" for k, v in config.items() if k != "data"),
         "",

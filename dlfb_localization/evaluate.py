@@ -189,6 +189,7 @@ def evaluate(
     batch_size: int = 256,
     out_path: str | os.PathLike | None = None,
     progress: bool = False,
+    frame_embeddings: Mapping[str, np.ndarray] | None = None,
 ) -> dict:
     """Localization k-NN, cluster score, codebook health and MSE of one split.
 
@@ -234,6 +235,8 @@ def evaluate(
         temporary file that is renamed into place).
       progress: show a progress bar over the stages (embeddings, PCA, k-NN,
         one UMAP per embedding, reconstructions).
+      frame_embeddings: `get_frame_embeddings(state, dataset_split)`, if the
+        caller already has it (it is computed otherwise).
 
     Returns:
       A JSON-ready dict: `n_frames`, `n_proteins`, `settings`,
@@ -246,7 +249,9 @@ def evaluate(
     """
     bar = tqdm(desc="evaluating", total=4, unit="stage", disable=not progress)
     bar.set_postfix_str("embeddings")
-    embeddings = get_frame_embeddings(state, dataset_split, batch_size)
+    embeddings = frame_embeddings
+    if embeddings is None:
+        embeddings = get_frame_embeddings(state, dataset_split, batch_size)
     bar.update()
     bar.set_postfix_str("pixel PCA")
     pca = compute_pixel_pca(dataset_split, random_state=random_state)

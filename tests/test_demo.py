@@ -1,6 +1,7 @@
 """The main job (README's first command), on a shrunken sample and model."""
 
 import json
+import re
 
 import pytest
 
@@ -52,6 +53,8 @@ def test_demo_writes_every_figure_and_the_report(tiny_demo, tmp_path, capsys):
     assert set(results) == {"untrained", "with_head", "without_head"}
     assert "| No ClassificationHead | codebook_histogram |" in text
     assert "These are one run's numbers (seed 42)" in text
+    stages = r"data \d+ s, training \d+ s, evaluation \d+ s, figures \d+ s"
+    assert re.search(rf"Run took [0-9.]+ min \({stages}\)", text)
     assert str(report.resolve()) in capsys.readouterr().out
 
     # A second run restores both models instead of training them again.
