@@ -67,6 +67,7 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
     """
     out = Path(out_dir)
     started = time.perf_counter()
+    print(_plan(out))
     print(
         f"[1/5] writing the embedded sample and {EVALUATION_SAMPLE.n_proteins} "
         "unseen proteins for evaluation"
@@ -131,6 +132,19 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
     )
     print(f"run folder: {out.resolve()}\nreport: {report.resolve()}")
     return report
+
+
+def _plan(out: Path) -> str:
+    """What the demo is about to do, where, and for how long."""
+    return (
+        f"demo: writes an OpenCell-like sample of {EMBEDDED_SAMPLE.n_proteins} "
+        f"proteins, trains the chapter's model with and without its "
+        f"classification head ({DEMO_TRAINING['num_epochs']} epochs each), "
+        f"evaluates both on {EVALUATION_SAMPLE.n_proteins} unseen proteins and "
+        f"writes figures and a report into {out.resolve()}.\n"
+        "It takes about 7-10 minutes on 2 CPU cores (less with a GPU). Stop it "
+        "with Ctrl-C: run again, it resumes, and finished models are restored."
+    )
 
 
 # The k-NN table's columns: (level, label set).
