@@ -1,17 +1,31 @@
 """The `dlfb-localization` command line. Kept short: the work is in the library.
 
 A run lives in a folder (`--store`): `train` writes it, and `evaluate`, `embed`
-and `figures` read it back (see `dlfb_localization.runs`).
+and `figures` read it back (see `dlfb_localization.runs`); `--data` points them
+at a run's data where it has moved.
+
+A failure ends with one line, `dlfb-localization: error: ...`, naming the file
+or folder and what to do, and exit code 1 (2 for a wrong flag, as argparse
+does; 130 when interrupted). `--debug`, or `DLFB_DEBUG=1` in the environment,
+prints the traceback too.
 """
 
 import argparse
+import errno
 import json
+import logging
+import os
 import sys
+import threading
+import time
+import traceback
 from pathlib import Path
 
 from dlfb_localization.settings import add_flags, from_flags, parse_channels
 
 SPLIT_CHOICES = ("train", "valid", "test")
+PROG = "dlfb-localization"
+DEBUG_ENV = "DLFB_DEBUG"
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -39,7 +53,8 @@ def _config_from_args(config_class, args: argparse.Namespace):
     """`config_class` (a dataclass with a `data` folder) from the parsed flags
     named like its fields."""
     if not args.data.is_dir():
-        raise FileNotFoundError(f"--data {args.data} is not a folder")
+        what = "a file" if args.data.exists() else "missing"
+        raise FileNotFoundError(f"--data {args.data} is not a folder ({what})")
     return from_flags(config_class, args)
 
 
@@ -59,7 +74,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from dlfb_localization.evaluate import evaluate
     from dlfb_localization.runs import load_run
 
-    run = load_run(args.store, progress=True)
+    run = load_run(args.store, progress=True, data=args.data)
     out = args.out or args.store / f"evaluation_{args.split}.json"
     result = evaluate(
         run.state, run.splits[args.split], k=args.k, out_path=out, progress=True
@@ -100,7 +115,7 @@ def _embed(args: argparse.Namespace) -> None:
     from dlfb_localization.export import export_embeddings
     from dlfb_localization.runs import load_run
 
-    run = load_run(args.store, progress=True)
+    run = load_run(args.store, progress=True, data=args.data)
     split = run.splits[args.split]
     paths = export_embeddings(
         split, get_frame_embeddings(run.state, split), args.out, name=args.split
@@ -113,10 +128,21 @@ def _figures(args: argparse.Namespace) -> None:
     from dlfb_localization.figures import write_model_figures
     from dlfb_localization.runs import load_run
 
-    runs = {store.name: load_run(store, progress=True) for store in args.store}
-    if len(runs) < len(args.store):
+    if len({store.name for store in args.store}) < len(args.store):
         raise ValueError("give each --store folder a different name")
-    first = next(iter(runs.values()))
+    runs = {
+        store.name: load_run(store, progress=True, data=args.data)
+        for store in args.store
+    }
+    first_name, first = next(iter(runs.items()))
+    shape = first.splits[args.split].image_shape
+    for name, run in runs.items():
+        if run.splits[args.split].image_shape != shape:
+            raise ValueError(
+                f"runs {first_name} and {name} were trained on frames of other "
+                f"shapes ({shape} and {run.splits[args.split].image_shape}, "
+                "height, width, channels); draw them with separate figures commands"
+            )
     written = write_model_figures(
         {name: (run.state, run.metrics) for name, run in runs.items()},
         first.splits[args.split],
@@ -145,8 +171,13 @@ def _predict(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dlfb-localization",
+        prog=PROG,
         description="Learn protein localization from OpenCell microscopy crops.",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"print the traceback of an error (or set {DEBUG_ENV}=1)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -209,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
             default="test",
             help="which of the run's splits (default: test)",
         )
+        add_data(command)
+
+    def add_data(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--data",
+            type=Path,
+            default=None,
+            help="the run's data folder, if it has moved since training "
+            "(default: the one the run recorded)",
+        )
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -254,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", choices=SPLIT_CHOICES, default="test", help="default: test"
     )
     figures.add_argument("--out", type=Path, required=True, help="folder for PNGs")
+    add_data(figures)
     figures.set_defaults(func=_figures)
     _add_predict(commands)
     return parser
@@ -297,17 +339,79 @@ def _add_predict(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script."""
+    """Entry point of the console script: runs a command and returns its exit
+    code, with errors reported in one line (see the module docstring)."""
     from dlfb_localization.console import console
 
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV) == "1"
+    quiet = _NoTracebacks()
+    if not debug:
+        logging.getLogger("absl").addFilter(quiet)
     try:
         with console():
             args.func(args)
-    except (ValueError, OSError, KeyError) as error:
-        print(f"dlfb-localization {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        exit_code, message = 130, f"{PROG}: interrupted"
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+        exit_code, message = 1, f"{PROG}: error: {_describe(error, debug)}"
+    else:
+        return 0
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+    # Printed last: once the failed command's frames are released (an
+    # unfinished progress bar they hold closes first), and once background
+    # threads (Orbax's writes of a failed save) have ended, rather than dying
+    # with tracebacks as the interpreter shuts down.
+    _join_threads(timeout=_THREADS_TIMEOUT_S)
+    print(message, file=sys.stderr)
+    return exit_code
+
+
+_THREADS_TIMEOUT_S = 30.0
+
+
+def _join_threads(timeout: float) -> None:
+    """Waits, `timeout` seconds in all, for the other non-daemon threads."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class _NoTracebacks(logging.Filter):
+    """Keeps a log record's message but drops its traceback. Orbax (through
+    absl's logger) logs one per background thread when a save fails, e.g. on a
+    full disk, before the error reaches `main`; `--debug` keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+# The library's errors (DataFormatError, ConfigMismatchError,
+# DamagedCheckpointError, NonFiniteLossError) derive from these, and their
+# messages name the file or folder and the fix.
+_EXPECTED = (ValueError, OSError, ArithmeticError)
+
+
+def _describe(error: Exception, debug: bool) -> str:
+    """What to print for `error`: its message for expected errors, with a
+    hint for a full disk; its type and first line for anything else."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return (
+            f"{error}; the disk is full: free some space, or write to a folder on "
+            "another disk, and run the command again"
+        )
+    if isinstance(error, _EXPECTED):
+        return str(error)
+    lines = str(error).strip().splitlines() or [""]
+    hint = "" if debug else f"; run with --debug (or {DEBUG_ENV}=1) for the traceback"
+    return f"unexpected {type(error).__name__}: {lines[0]}{hint}"
 
 
 if __name__ == "__main__":

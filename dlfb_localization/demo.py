@@ -67,6 +67,7 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
     `figures/*.png` and `report.md`.
     """
     out = Path(out_dir)
+    print(_plan(out))
     clock = _Clock(total=5)
     clock.stage(
         "data",
@@ -162,6 +163,19 @@ class _Clock:
             self.seconds[name] = time.perf_counter() - start
             print(f"      {name} took {self.seconds[name]:.0f} s", flush=True)
             self._current = None
+
+
+def _plan(out: Path) -> str:
+    """What the demo is about to do, where, and for how long."""
+    return (
+        f"demo: writes an OpenCell-like sample of {EMBEDDED_SAMPLE.n_proteins} "
+        f"proteins, trains the chapter's model with and without its "
+        f"classification head ({DEMO_TRAINING['num_epochs']} epochs each), "
+        f"evaluates both on {EVALUATION_SAMPLE.n_proteins} unseen proteins and "
+        f"writes figures and a report into {out.resolve()}.\n"
+        "It takes about 7-10 minutes on 2 CPU cores (less with a GPU). Stop it "
+        "with Ctrl-C: run again, it resumes, and finished models are restored."
+    )
 
 
 # The k-NN table's columns: (level, label set).

@@ -10,6 +10,13 @@ can rebuild exactly the data and model a run was trained on::
       checkpoints/   Orbax steps written by `train` after every epoch
       metrics.json   the training history, once training has finished
 
+`config.json` records the data folder (and the cache folder, if one was named)
+as absolute paths, so a run is read back from any working directory. A run
+whose data has moved is read with `load_run(store, data=NEW)` (`--data NEW`):
+the data's fingerprints, stored in the checkpoint, must still match. Runs
+written before recorded the path as typed; a relative one is looked up from
+the working directory, then from the run folder's parent.
+
 Randomness follows the chapter: `PRNGKey(seed)` is split into `rng_frames` (for
 figures), `rng_dataset` (splits), `rng_init` (weights) and `rng_train` (data
 order and dropout).
@@ -72,6 +79,8 @@ CONFIG_FILE = "config.json"
 _INIT_FRAMES = 256
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"
+# RunConfig's fields that locate files rather than decide the result.
+_PATHS = ("data", "cache_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +89,7 @@ class RunConfig:
 
     Attributes:
       data: folder with the OpenCell release (or the sample format).
+      cache_dir: where the data's cache is kept (None: `<data>/dlfb_cache`).
       channels: image channels to train on (0 = protein).
       cache_dtype: "float32" or "float16" (halves the cache).
       seed: the run's seed (the chapter's 42).
@@ -103,6 +113,11 @@ class RunConfig:
     """
 
     data: str
+    cache_dir: str | None = setting(
+        None,
+        "where to keep the data's cache, e.g. when DATA is read-only",
+        unset="DATA/dlfb_cache",
+    )
     channels: tuple[int, ...] = setting(
         (0,),
         "comma-separated channels: 0=protein, 1=nucleus, 2=nuclear distance, "
@@ -182,6 +197,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", str(self.data))
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", str(self.cache_dir))
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
@@ -213,9 +230,9 @@ class RunConfig:
 
     def settings(self) -> dict[str, Any]:
         """What the checkpoint records and compares: every setting but the
-        data folder's path, which the data's fingerprint stands for (so a run
-        still resumes when its data is reached by another path)."""
-        return {k: v for k, v in self.to_json().items() if k != "data"}
+        data's and the cache's folders, which the data's fingerprint stands for
+        (so a run still resumes when its data is reached by another path)."""
+        return {k: v for k, v in self.to_json().items() if k not in _PATHS}
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "channels": list(self.channels)}
@@ -269,6 +286,7 @@ def build_splits(config: RunConfig, progress: bool = False) -> dict[str, Dataset
     builder = DatasetBuilder(
         config.data,
         channels=config.channels,
+        cache_dir=config.cache_dir,
         progress=progress,
         cache_dtype=config.cache_dtype,
     )
@@ -353,13 +371,22 @@ def train_run(
 
     A folder holding another configuration is refused with
     `checkpoint.ConfigMismatchError` naming the differing settings; nothing in
-    it is changed.
+    it is changed. The data (and cache) folder is recorded as an absolute path;
+    where it lies is not compared (the checkpoint compares the data itself).
     """
     store = Path(store)
+    config = dataclasses.replace(
+        config,
+        **{
+            name: _absolute(getattr(config, name))
+            for name in _PATHS
+            if getattr(config, name) is not None
+        },
+    )
     if (store / CONFIG_FILE).is_file():
         stored = _read_config(store)
         differences = checkpoint.find_config_differences(
-            stored.to_json(), config.to_json()
+            stored.settings(), config.settings()
         )
         if differences:
             raise checkpoint.ConfigMismatchError(
@@ -386,19 +413,58 @@ def train_run(
     return Run(config, splits, state, metrics, _keys(config.seed).frames)
 
 
-def load_run(store: str | os.PathLike, progress: bool = False) -> Run:
+def _absolute(path: str | os.PathLike) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _find_data(store: Path, stored: str, data: str | os.PathLike | None) -> str:
+    """The data folder of the run in `store`: `data` if given, else the one
+    recorded; a relative one (runs written before paths were made absolute)
+    from the working directory, else from the run folder's parent."""
+    if data is not None:
+        if not Path(data).is_dir():
+            raise FileNotFoundError(f"data folder {data} does not exist")
+        return _absolute(data)
+    candidates = [Path(stored)]
+    if not Path(stored).is_absolute():
+        candidates.append(store.absolute().parent / stored)
+    for candidate in candidates:
+        if candidate.is_dir():
+            return _absolute(candidate)
+    raise FileNotFoundError(
+        f"the data folder {stored} of the run in {store} does not exist (moved?); "
+        "pass its new place with --data (load_run's data=)"
+    )
+
+
+def load_run(
+    store: str | os.PathLike,
+    progress: bool = False,
+    data: str | os.PathLike | None = None,
+) -> Run:
     """The latest checkpoint of the run in `store`, with its data and metrics.
 
     The data is checked against the fingerprints the checkpoint stored; the
     state is restored into the shapes of the run's configuration, without
-    initialising a model.
+    initialising a model. A damaged latest checkpoint is skipped with a warning
+    for the one before it.
+
+    Args:
+      store: the run folder.
+      progress: show a progress bar if the data's cache is built.
+      data: the run's data folder, where it has moved since training (default:
+        the one `config.json` records).
 
     Raises:
-      FileNotFoundError: `store` is not a run folder or has no checkpoint yet.
-      checkpoint.ConfigMismatchError: the data changed since training.
+      FileNotFoundError: `store` is not a run folder, has no checkpoint yet, or
+        its data folder is missing.
+      checkpoint.ConfigMismatchError: the data differs from the run's (frames
+        of another shape, or other frames).
+      checkpoint.DamagedCheckpointError: no checkpoint can be read.
     """
     store = Path(store)
     config = _read_config(store)
+    config = dataclasses.replace(config, data=_find_data(store, config.data, data))
     splits = build_splits(config, progress=progress)
     manager = checkpoint.open_manager(store / CHECKPOINTS)
     try:
@@ -406,6 +472,7 @@ def load_run(store: str | os.PathLike, progress: bool = False) -> Run:
             manager,
             _abstract_state(config, splits),
             data={name: splits[name].fingerprint for name in ("train", "valid")},
+            input_shape=splits["train"].image_shape,
         )
     finally:
         manager.close()

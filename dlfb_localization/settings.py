@@ -17,13 +17,18 @@ __all__ = ["add_flags", "from_flags", "parse_channels", "setting"]
 
 
 def parse_channels(text: str) -> tuple[int, ...]:
-    """Channel numbers from a flag's text, e.g. "0,1"."""
+    """Distinct channel numbers from a flag's text, e.g. "0,1"."""
     try:
-        return tuple(int(c) for c in text.split(","))
+        channels = tuple(int(c) for c in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated channel numbers like 0 or 0,1, got {text!r}"
         ) from None
+    if len(set(channels)) < len(channels):
+        raise argparse.ArgumentTypeError(
+            f"channel(s) repeated in {text!r}: name each channel once, e.g. 0,1"
+        )
+    return channels
 
 
 def setting(

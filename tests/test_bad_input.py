@@ -89,6 +89,33 @@ def test_nan_frame_names_file_and_row(tiny_release):
     _expect_error(path, r"Image_data01.npy: frame 5 .* NaN or infinite")
 
 
+def test_huge_pixels_are_refused_naming_file_frame_and_protein(tiny_release):
+    # Finite, but squared in the loss they overflow float32: without
+    # standardization training would stop at a NaN loss naming only the step.
+    path, images, _ = tiny_release
+    block = images[36:].copy()
+    block[5, 3, 3, 0] = -3e20
+    np.save(path / "Image_data01.npy", block)
+    file = str(path / "Image_data01.npy")
+    _expect_error(
+        path, f"^{file}: frame 5 .*protein GENE3.* magnitude 3e\\+20 in channel 0"
+    )
+    block[5, 3, 3, 0] = 1e14  # large, but trainable
+    np.save(path / "Image_data01.npy", block)
+    frames, _, _ = open_cache(path)
+    assert frames[41, 3, 3, 0] == np.float32(1e14)
+
+
+def test_a_file_a_repeated_channel_and_an_unwritable_cache_folder(tiny_release):
+    path, _, _ = tiny_release
+    with pytest.raises(DataFormatError, match="is a file, not a folder"):
+        open_cache(path / "Image_data00.npy")
+    _expect_error(path, r"channels \[0, 0\] name a channel twice", channels=(0, 0))
+    (path.parent / "a_file").write_text("")
+    with pytest.raises(PermissionError, match="writable folder with --cache-dir"):
+        open_cache(path, cache_dir=path.parent / "a_file" / "cache")
+
+
 def test_inf_in_an_unused_channel_is_fine(tiny_release):
     path, images, _ = tiny_release
     block = images[36:].copy()

@@ -1,8 +1,10 @@
 """Checkpointed training: restore, resume after a kill, refuse the wrong run."""
 
+import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -349,3 +351,63 @@ def test_a_checkpoint_of_a_plain_train_state_restores_into_a_model_state(tmp_pat
     assert type(restored) is type(state) and restored.model == model
     assert int(restored.step) == 3
     _assert_same_tree(restored.params, old.params)
+
+
+def _truncate_largest_array_file(step: Path) -> None:
+    largest = max((step / "state").rglob("*"), key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:100])
+
+
+def test_a_damaged_latest_step_is_set_aside_and_the_run_resumes_before_it(
+    reference, tmp_path, caplog
+):
+    store_path, reference_state, reference_metrics = reference
+    shutil.copytree(store_path, tmp_path / "store")
+    store = tmp_path / "store"
+    older, newest = _finalized_steps(store)
+    _truncate_largest_array_file(store / str(newest))
+
+    with caplog.at_level(logging.WARNING, logger="dlfb_localization.checkpoint"):
+        state, metrics = worker.run(store)  # retrains the damaged step's epoch
+
+    _assert_same_run(state, metrics, reference_state, reference_metrics)
+    assert f"{store}: step {newest} is damaged, its arrays" in caplog.text
+    assert f"using step {older}" in caplog.text
+    assert _finalized_steps(store) == [older, newest]
+    assert (store / f"{newest}.damaged").is_dir()  # kept, not deleted
+
+
+def test_a_store_whose_every_step_is_damaged_is_refused_naming_it(reference, tmp_path):
+    store_path, _, _ = reference
+    shutil.copytree(store_path, tmp_path / "store")
+    store = tmp_path / "store"
+    for step in _finalized_steps(store):
+        meta = store / str(step) / "meta" / "metadata"
+        meta.write_text(meta.read_text()[:21])
+    before = _snapshot(store)
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=f"{store}: no"):
+        worker.run(store)
+    assert _snapshot(store) == before
+
+
+def test_a_full_disk_names_the_folder_and_keeps_the_previous_step(
+    tmp_path, monkeypatch
+):
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    state = worker.make_state()
+    manager = checkpoint.open_manager(tmp_path / "run")
+    try:
+        checkpoint.save_epoch(manager, state, 0, {"num_epochs": 2}, {})
+
+        async def disk_full(self, item, directory):
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+        handler = json_checkpoint_handler.JsonCheckpointHandler
+        monkeypatch.setattr(handler, "_save_fn", disk_full)
+        later = state.replace(step=state.step + 1)
+        with pytest.raises(OSError, match=f"epoch 2 into {tmp_path / 'run'} "):
+            checkpoint.save_epoch(manager, later, 1, {"num_epochs": 2}, {})
+    finally:
+        manager.close()
+    assert _finalized_steps(tmp_path / "run") == [0]

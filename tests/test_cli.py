@@ -1,6 +1,11 @@
 """The `dlfb-localization` command line."""
 
+import errno
 import json
+import logging
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +23,8 @@ def test_prepare_builds_the_cache(tiny_release, capsys):
     assert "72 frames, 6 proteins" in capsys.readouterr().out
 
 
-def test_bad_path_is_a_clear_error_with_exit_2(tmp_path, capsys):
-    assert main(["prepare", str(tmp_path / "missing")]) == 2
+def test_bad_path_is_a_clear_error_with_exit_1(tmp_path, capsys):
+    assert main(["prepare", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -36,11 +41,24 @@ TINY_MODEL = ["--embedding-dim", "8", "--num-embeddings", "16", "--batch-size", 
 @pytest.fixture(scope="module")
 def trained(module_tiny_release, tmp_path_factory):
     """One tiny run trained by `train`, for this module's tests to read:
-    (train command line without --epochs, run folder, exit code)."""
+    (train command line without --epochs, run folder, exit code).
+
+    It is trained from the data's parent folder with relative --data and
+    --cache-dir, as a user would type them; the returned command line names
+    the same folders by absolute paths."""
     path, _, _ = module_tiny_release
     store = tmp_path_factory.mktemp("runs") / "run"
-    train = ["train", "--data", str(path), "--store", str(store), *TINY_MODEL]
-    return train, store, main([*train, "--epochs", "2"])
+    relative = ["--data", path.name, "--cache-dir", "cache"]
+    cwd = os.getcwd()
+    os.chdir(path.parent)
+    try:
+        exit_code = main(
+            ["train", *relative, "--store", str(store), *TINY_MODEL, "--epochs", "2"]
+        )
+    finally:
+        os.chdir(cwd)
+    absolute = ["--data", str(path), "--cache-dir", str(path.parent / "cache")]
+    return ["train", *absolute, "--store", str(store), *TINY_MODEL], store, exit_code
 
 
 def test_train_evaluate_embed_and_figures_from_a_run_folder(trained, tmp_path, capsys):
@@ -97,6 +115,7 @@ def test_training_counts_steps_and_a_rerun_says_it_restores(
 ):
     path, _, _ = module_tiny_release
     train = ["train", "--data", str(path), "--store", str(tmp_path / "run")]
+    train += ["--cache-dir", str(tmp_path / "cache")]  # the release stays as it is
     assert main([*train, *TINY_MODEL, "--epochs", "2"]) == 0
     err = capsys.readouterr().err
     # 72 frames, 80% for training: 57 frames, 7 steps of 8 per epoch.
@@ -112,15 +131,15 @@ def test_train_refuses_a_store_with_other_settings(trained, capsys):
     assert exit_code == 0
     before = sorted(p.name for p in (store / "checkpoints").iterdir())
     capsys.readouterr()
-    assert main([*train, "--epochs", "2", "--learning-rate", "0.01"]) == 2
+    assert main([*train, "--epochs", "2", "--learning-rate", "0.01"]) == 1
     assert "learning_rate: stored 0.001, now 0.01" in capsys.readouterr().err
     assert sorted(p.name for p in (store / "checkpoints").iterdir()) == before
 
 
 def test_commands_on_a_folder_that_is_not_a_run(tmp_path, capsys):
-    assert main(["evaluate", "--store", str(tmp_path)]) == 2
+    assert main(["evaluate", "--store", str(tmp_path)]) == 1
     assert "is not a run folder" in capsys.readouterr().err
-    assert main(["train", "--data", str(tmp_path / "nope"), "--store", "x"]) == 2
+    assert main(["train", "--data", str(tmp_path / "nope"), "--store", "x"]) == 1
     assert "is not a folder" in capsys.readouterr().err
 
 
@@ -222,3 +241,238 @@ def test_a_run_is_read_back_without_initialising_and_refuses_other_data(
     (moved / "config.json").write_text(json.dumps(stored))
     with pytest.raises(ConfigMismatchError, match="other data"):
         runs.load_run(moved)
+
+
+# Errors a user can act on -----------------------------------------------------
+
+
+def _error_line(capsys) -> str:
+    """stderr's last line, after checking it holds no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_an_error_is_one_line_and_debug_shows_the_traceback(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("DLFB_DEBUG", raising=False)
+    assert main(["evaluate", "--store", str(tmp_path)]) == 1
+    line = _error_line(capsys)
+    assert line.startswith("dlfb-localization: error: ") and str(tmp_path) in line
+
+    assert main(["--debug", "evaluate", "--store", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "is not a run folder" in err.splitlines()[-1]
+    monkeypatch.setenv("DLFB_DEBUG", "1")
+    assert main(["evaluate", "--store", str(tmp_path)]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("error", "exit_code", "message"),
+    [
+        (RuntimeError("boom\nmore"), 1, "error: unexpected RuntimeError: boom; run"),
+        (OSError(errno.ENOSPC, "No space left on device", "/x/y"), 1, "disk is full"),
+        (KeyboardInterrupt(), 130, "dlfb-localization: interrupted"),
+    ],
+)
+def test_unexpected_errors_full_disks_and_interrupts_end_in_one_line(
+    error, exit_code, message, capsys, monkeypatch
+):
+    from dlfb_localization import cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.delenv("DLFB_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "_prepare", fail)
+    assert main(["prepare", "x"]) == exit_code
+    assert message in _error_line(capsys)
+
+
+def test_small_mistakes_get_messages_that_say_what_to_do(tiny_release, capsys):
+    path, _, _ = tiny_release
+    file = path / "Label_data00.csv"
+    assert main(["prepare", str(file)]) == 1
+    assert f"{file} is a file, not a folder" in _error_line(capsys)
+    assert main(["train", "--data", str(file), "--store", "x"]) == 1
+    assert "is not a folder (a file)" in _error_line(capsys)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", str(path), "--channels", "0,0"])
+    assert exit_info.value.code == 2
+    assert "repeated in '0,0'" in capsys.readouterr().err
+    assert not (path / "dlfb_cache").exists()
+
+
+def test_demo_says_what_it_will_do_where_and_how_long_before_starting(
+    tmp_path, capsys, monkeypatch
+):
+    from dlfb_localization import demo
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "write_release", interrupt)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo"]) == 130
+    plan = capsys.readouterr().out.split("[1/5]")[0]
+    assert str(tmp_path / "runs" / "demo") in plan
+    assert "minutes" in plan and "trains the chapter's model" in plan
+
+
+def test_train_on_huge_pixels_names_the_file_and_frame_without_standardizing(
+    tiny_release, tmp_path, capsys
+):
+    path, images, _ = tiny_release
+    block = images[:36].copy()
+    block[7, 2, 2, 0] = 1e30  # finite, but its square overflows float32
+    np.save(path / "Image_data00.npy", block)
+    store = tmp_path / "run"
+    train = ["train", "--data", str(path), "--store", str(store), "--no-standardize"]
+    assert main([*train, *TINY_MODEL, "--epochs", "1"]) == 1
+    line = _error_line(capsys)
+    assert f"{path / 'Image_data00.npy'}: frame 7" in line
+    assert "protein GENE0" in line and "magnitude 1e+30" in line
+    assert not (store / "checkpoints").exists()
+
+
+def test_a_full_disk_while_checkpointing_names_the_folder_in_one_line(
+    trained, tmp_path, capsys, caplog, monkeypatch
+):
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    async def disk_full(self, item, directory):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(
+        json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", disk_full
+    )
+    train, _, _ = trained
+    data_and_cache = train[1:5]
+    store = tmp_path / "run"
+    command = ["train", *data_and_cache, "--store", str(store), *TINY_MODEL]
+    monkeypatch.delenv("DLFB_DEBUG", raising=False)
+    with caplog.at_level(logging.ERROR, logger="absl"):
+        assert main([*command, "--epochs", "1"]) == 1
+    line = _error_line(capsys)
+    assert f"into {store / 'checkpoints'}" in line and "No space left" in line
+    orbax_errors = [r for r in caplog.records if r.name == "absl"]
+    assert orbax_errors and all(r.exc_info is None for r in orbax_errors)
+
+
+def test_figures_refuses_runs_trained_on_frames_of_other_shapes(
+    tmp_path, capsys, monkeypatch
+):
+    from dlfb_localization import runs
+    from dlfb_localization.dataset import Dataset
+
+    def fake_run(store, progress, data):
+        channels = 2 if store.name == "two" else 1
+        split = Dataset.from_arrays(np.zeros((4, 16, 16, channels)), np.arange(4))
+        return runs.Run(None, {"test": split}, None, None, None)
+
+    monkeypatch.setattr(runs, "load_run", fake_run)
+    stores = ["--store", str(tmp_path / "one"), "--store", str(tmp_path / "two")]
+    assert main(["figures", *stores, "--out", str(tmp_path / "figs")]) == 1
+    line = _error_line(capsys)
+    assert "one and two" in line and "(16, 16, 1) and (16, 16, 2)" in line
+    assert not (tmp_path / "figs").exists()
+
+
+# Runs that travel, and damaged checkpoints --------------------------------------
+
+
+def _copy_run(store: Path, to: Path, **config) -> Path:
+    """A copy of the run folder `store` at `to`, with `config` changed in its
+    config.json."""
+    shutil.copytree(store, to)
+    stored = json.loads((to / "config.json").read_text())
+    (to / "config.json").write_text(json.dumps({**stored, **config}))
+    return to
+
+
+def test_a_run_records_absolute_paths_and_is_read_where_its_data_moved(
+    trained, tmp_path, capsys, monkeypatch
+):
+    from conftest import write_tiny_release
+
+    from dlfb_localization import runs
+    from dlfb_localization.checkpoint import ConfigMismatchError
+
+    _, store, exit_code = trained
+    assert exit_code == 0
+    config = json.loads((store / "config.json").read_text())
+    data = Path(config["data"])  # trained as "--data release --cache-dir cache"
+    assert data.is_absolute() and data.name == "release"
+    assert config["cache_dir"] == str(data.parent / "cache")
+    assert not (data / "dlfb_cache").exists()
+
+    # Copies of the data and of the run, then both moved.
+    shutil.copytree(data, tmp_path / "data")
+    cache = str(tmp_path / "cache")
+    _copy_run(store, tmp_path / "run", data=str(tmp_path / "data"), cache_dir=cache)
+    moved_data = (tmp_path / "data").rename(tmp_path / "moved_data")
+    moved_run = (tmp_path / "run").rename(tmp_path / "moved_run")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    evaluate = ["evaluate", "--store", "../moved_run", "--split", "train"]
+
+    assert main(evaluate) == 1
+    line = _error_line(capsys)
+    assert f"data folder {tmp_path / 'data'} of the run" in line and "--data" in line
+    assert main([*evaluate, "--data", "../moved_data"]) == 0
+    result = json.loads((moved_run / "evaluation_train.json").read_text())
+    assert result["n_proteins"] == 6
+
+    # Other data is refused, naming the difference.
+    write_tiny_release(tmp_path / "other", seed=1)
+    assert main([*evaluate, "--data", str(tmp_path / "other")]) == 1
+    line = _error_line(capsys)
+    assert "trained on other data" in line and "data.train: stored" in line
+    write_tiny_release(tmp_path / "larger", size=20)
+    with pytest.raises(ConfigMismatchError, match="frames of 16x16 pixels with 1"):
+        runs.load_run(moved_run, data=tmp_path / "larger")
+
+    # A run written before paths were absolute names its data as typed: it is
+    # found from the working directory, else beside the run folder.
+    _copy_run(moved_run, tmp_path / "old_run", data="moved_data")
+    assert runs.load_run(tmp_path / "old_run").config.data == str(moved_data)
+
+
+def _step_folders(store: Path) -> list[Path]:
+    steps = [p for p in (store / "checkpoints").iterdir() if p.name.isdigit()]
+    return sorted(steps, key=lambda p: int(p.name))
+
+
+def _truncate_largest_array_file(step: Path) -> None:
+    largest = max((step / "state").rglob("*"), key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:100])
+
+
+def test_a_damaged_latest_checkpoint_falls_back_with_a_warning_or_is_refused(
+    trained, tmp_path, capsys, caplog
+):
+    from dlfb_localization import runs
+    from dlfb_localization.checkpoint import DamagedCheckpointError
+
+    _, store, exit_code = trained
+    assert exit_code == 0
+    run = _copy_run(store, tmp_path / "run")
+    older, newest = _step_folders(run)
+    meta = newest / "meta" / "metadata"
+    meta.write_text(meta.read_text()[:21])  # "Expecting value: line 1 column 22"
+
+    with caplog.at_level(logging.WARNING):
+        loaded = runs.load_run(run)
+    assert int(loaded.state.step) == int(older.name)
+    assert f"{run / 'checkpoints'}: step {newest.name} is damaged" in caplog.text
+    assert loaded.metrics["train"]["total_loss"][-1]["epoch"] == 0
+
+    _truncate_largest_array_file(older)
+    with pytest.raises(DamagedCheckpointError, match=f"{run / 'checkpoints'}: no"):
+        runs.load_run(run)
+    assert main(["evaluate", "--store", str(run)]) == 1
+    line = _error_line(capsys)
+    assert f"{run / 'checkpoints'}: no checkpoint can be read" in line
+    assert f"step(s) {newest.name}, {older.name} damaged" in line

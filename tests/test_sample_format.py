@@ -64,3 +64,18 @@ def test_missing_channel_file_and_segmentation_channel(tmp_path):
     (tmp_path / "sample" / "BETA_nuc.npy").unlink()
     with pytest.raises(DataFormatError, match=r"BETA_nuc\.npy is missing"):
         get_dataset(tmp_path / "sample")
+
+
+def test_a_nan_frame_names_the_channel_file_and_protein(tmp_path):
+    _write_sample(tmp_path / "sample", pickled=False)
+    dist = np.load(tmp_path / "sample" / "BETA_nucdist.npy")
+    dist[2, 5, 5] = np.nan
+    np.save(tmp_path / "sample" / "BETA_nucdist.npy", dist)
+    get_dataset(tmp_path / "sample", channels=(0, 1))  # the channel is not read
+    with pytest.raises(DataFormatError) as info:
+        get_dataset(tmp_path / "sample", channels=(0, 2), force_recreate=True)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'sample' / 'BETA_nucdist.npy'}: frame 2")
+    assert (
+        "protein BETA" in message and "NaN or infinite pixels in channel 2" in message
+    )

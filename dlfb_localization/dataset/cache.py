@@ -151,8 +151,9 @@ def _build(blocks, channels, paths, expected, progress) -> None:
         folder.joinpath(".write-test").unlink()
     except OSError as error:
         raise PermissionError(
-            f"cannot write the cache to {folder} ({error}); pass cache_dir= a "
-            "writable folder (the data folder itself is never modified otherwise)"
+            f"cannot write the cache to {folder} ({error}); name a writable "
+            "folder with --cache-dir (cache_dir= in Python); the data folder "
+            "itself is never modified otherwise"
         ) from error
     # The old manifest goes first, so a crash below leaves no valid-looking cache.
     paths["manifest"].unlink(missing_ok=True)
@@ -194,11 +195,11 @@ def _write_images(blocks, channels, path: Path, manifest: dict, progress, conten
     for block in blocks:
         for start in range(0, block.n_frames, _CHUNK_FRAMES):
             stop = min(start + _CHUNK_FRAMES, block.n_frames)
+            # `read` has refused NaN, infinite and huge pixels (`sources`).
             chunk = np.asarray(block.read(start, stop, channels), dtype=np.float32)
-            _check_finite(chunk, block.name, start, channels)
             with np.errstate(over="ignore"):  # overflow is reported just below
                 chunk = chunk.astype(out.dtype)
-            _check_finite(chunk, block.name, start, channels, overflow=True)
+            _check_cast(chunk, block.name, start, channels)
             out[row : row + len(chunk)] = chunk
             content.update(np.ascontiguousarray(chunk).data)
             row += len(chunk)
@@ -210,20 +211,16 @@ def _write_images(blocks, channels, path: Path, manifest: dict, progress, conten
         bar.close()
 
 
-def _check_finite(chunk, block_name, start, channels, overflow=False) -> None:
+def _check_cast(chunk, block_name, start, channels) -> None:
+    """Refuses pixels that overflowed when cast to the cache's dtype."""
     finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
     if finite.all():
         return
     bad = start + int(np.argmin(finite))
-    where = f"{block_name}: frame {bad} (row {bad} of that block)"
-    if overflow:
-        raise DataFormatError(
-            f"{where} has pixels beyond float16's range (+-65504) in channel(s) "
-            f"{list(channels)}; use cache_dtype='float32'"
-        )
     raise DataFormatError(
-        f"{where} has NaN or infinite pixels in channel(s) {list(channels)}; fix or "
-        "drop the frame (and its label row) before building the data set"
+        f"{block_name}: frame {bad} (row {bad} of that block) has pixels beyond "
+        f"float16's range (+-65504) in channel(s) {list(channels)}; use "
+        "--cache-dtype float32 (cache_dtype='float32')"
     )
 
 

@@ -34,6 +34,11 @@ from dlfb_localization.dataset.formats import (
 )
 from dlfb_localization.dataset.localizations import GRADE_COLUMNS
 
+# Larger pixel values are refused: a batch of 256 full 100x100 frames of them,
+# squared and summed in the reconstruction loss, would come within a factor of
+# 100 of float32's largest value (3.4e38). Microscopy intensities are below 1e5.
+MAX_PIXEL_MAGNITUDE = 1e15
+
 # The typed table every format is turned into (`FOV_id` renamed to the chapter's
 # `fov_id`); `frame_id` is added when blocks are concatenated.
 TABLE_COLUMNS = ("ensg", "name", *GRADE_COLUMNS, "protein_id", "fov_id")
@@ -86,6 +91,11 @@ def discover_blocks(
       DataFormatError: the folder is missing or empty, or a file is malformed.
     """
     path = Path(data_path)
+    if path.exists() and not path.is_dir():
+        raise DataFormatError(
+            f"{path} is a file, not a folder; pass the folder holding "
+            "Image_data00.npy / Label_data00.csv (or <name>_pro.npy … files)"
+        )
     if not path.is_dir():
         raise DataFormatError(
             f"data folder {path} does not exist; pass the folder holding "
@@ -155,22 +165,25 @@ def _release_blocks(
             )
         frame_shape = _check_frame_shape(array.shape[1:3], frame_shape, image_file)
         _check_channels(channels, len(RELEASE_CHANNELS), RELEASE_CHANNELS, image_file)
+        read_labels = _csv_reader(label_file, array.shape[0], image_file)
         blocks.append(
             Block(
                 name=image_file.name,
                 files=(image_file, label_file),
                 n_frames=array.shape[0],
                 frame_shape=frame_shape,
-                read=_release_reader(image_file),
-                read_labels=_csv_reader(label_file, array.shape[0], image_file),
+                read=_release_reader(image_file, read_labels),
+                read_labels=read_labels,
             )
         )
     return blocks
 
 
-def _release_reader(file: Path):
+def _release_reader(file: Path, read_labels: Callable[[], pd.DataFrame]):
     def read(start: int, stop: int, channels: Sequence[int]) -> np.ndarray:
-        return _open_npy(file)[start:stop][..., list(channels)]
+        frames = _open_npy(file)[start:stop][..., list(channels)]
+        _check_pixels(frames, start, channels, lambda c: file, read_labels)
+        return frames
 
     return read
 
@@ -260,14 +273,15 @@ def _sample_blocks(
                 f"[{arrays[0].shape[0]}, 3] (Ensembl id, gene name, localization), "
                 f"one row per frame of {files[0].name}"
             )
+        read_labels = _sample_table(labels, protein_id)
         blocks.append(
             Block(
                 name=files[0].name,
                 files=(*files, label_file),
                 n_frames=arrays[0].shape[0],
                 frame_shape=frame_shape,
-                read=_sample_reader(files),
-                read_labels=_sample_table(labels, protein_id),
+                read=_sample_reader(files, read_labels),
+                read_labels=read_labels,
             )
         )
     return blocks
@@ -290,9 +304,11 @@ def _load_sample_labels(file: Path, trust_pickled_labels: bool) -> np.ndarray:
         return np.load(file, allow_pickle=True)
 
 
-def _sample_reader(files: list[Path]):
+def _sample_reader(files: list[Path], read_labels: Callable[[], pd.DataFrame]):
     def read(start: int, stop: int, channels: Sequence[int]) -> np.ndarray:
-        return np.stack([_open_npy(files[c])[start:stop] for c in channels], axis=-1)
+        frames = np.stack([_open_npy(files[c])[start:stop] for c in channels], -1)
+        _check_pixels(frames, start, channels, files.__getitem__, read_labels)
+        return frames
 
     return read
 
@@ -342,6 +358,52 @@ def _check_numeric(array: np.ndarray, file: Path) -> None:
         )
 
 
+def _check_pixels(
+    frames: np.ndarray,
+    start: int,
+    channels: Sequence[int],
+    file_of: Callable[[int], Path],
+    read_labels: Callable[[], pd.DataFrame],
+) -> None:
+    """Refuses NaN, infinite and implausibly large pixels, naming the frame.
+
+    Args:
+      frames: `[n, h, w, len(channels)]`, frames `start` to `start + n` of a
+        block, as read.
+      start: the first frame's row in its file.
+      channels: the channels read.
+      file_of: the file holding a channel.
+      read_labels: the block's label table (read only to name the protein).
+
+    Raises:
+      DataFormatError: naming the file, the frame's row, its protein and the
+        channel.
+    """
+    # NaN compares False, so one comparison finds NaN, inf and huge values.
+    good = np.abs(frames) <= MAX_PIXEL_MAGNITUDE
+    if good.all():
+        return
+    row = int(np.argmin(good.reshape(len(frames), -1).all(axis=1)))
+    column = int(np.argmin(good[row].reshape(-1, len(channels)).all(axis=0)))
+    channel = channels[column]
+    values = np.asarray(frames[row, ..., column], np.float64)
+    try:
+        protein = f", protein {read_labels()['name'].iloc[start + row]}"
+    except DataFormatError:  # a broken label file is reported on its own
+        protein = ""
+    where = f"{file_of(channel)}: frame {start + row} (its row in that file{protein})"
+    if not np.isfinite(values).all():
+        raise DataFormatError(
+            f"{where} has NaN or infinite pixels in channel {channel}; fix or drop "
+            "the frame (and its label row) before building the data set"
+        )
+    raise DataFormatError(
+        f"{where} has pixels of magnitude {np.abs(values).max():.3g} in channel "
+        f"{channel}, above {MAX_PIXEL_MAGNITUDE:.0e}: squared and summed in the "
+        "reconstruction loss they overflow float32; rescale the images"
+    )
+
+
 def _check_frame_shape(shape, expected, file: Path) -> tuple[int, int]:
     shape = tuple(int(s) for s in shape)
     if expected is not None and shape != expected:
@@ -355,6 +417,10 @@ def _check_frame_shape(shape, expected, file: Path) -> tuple[int, int]:
 def _check_channels(channels: Sequence[int], n: int, names: Sequence[str], file: Path):
     if not channels:
         raise DataFormatError("channels is empty: name at least one channel, e.g. (0,)")
+    if len(set(channels)) < len(channels):
+        raise DataFormatError(
+            f"channels {list(channels)} name a channel twice; name each once"
+        )
     bad = [c for c in channels if not 0 <= c < n]
     if bad:
         raise DataFormatError(

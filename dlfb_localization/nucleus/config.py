@@ -14,6 +14,7 @@ class PredictConfig:
 
     Attributes:
       data: folder with the OpenCell release (channels 0 and 1 are read).
+      cache_dir: where the data's cache is kept (None: `<data>/dlfb_cache`).
       seed: seed of the split, the weights and the data order.
       gan: also train pix2pix (the same U-Net against a PatchGAN).
       image_size: side the 100x100 crops are resized to (48 keeps CPU runs
@@ -26,6 +27,11 @@ class PredictConfig:
     """
 
     data: str
+    cache_dir: str | None = setting(
+        None,
+        "where to keep the data's cache, e.g. when DATA is read-only",
+        unset="DATA/dlfb_cache",
+    )
     seed: int = setting(42, "seed of the split, the weights and the data order")
     gan: bool = setting(False, "also train pix2pix (the U-Net against a PatchGAN)")
     image_size: int = setting(48, "side the crops are resized to")

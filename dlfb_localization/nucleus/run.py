@@ -65,9 +65,9 @@ def run_prediction(config: PredictConfig, out_dir: str | os.PathLike) -> dict:
       "gan").
     """
     out = Path(out_dir)
-    splits = DatasetBuilder(config.data, channels=(0, 1)).build(
-        rng=config.seed, splits=SPLITS, exclusive_by="fov_id"
-    )
+    splits = DatasetBuilder(
+        config.data, channels=(0, 1), cache_dir=config.cache_dir
+    ).build(rng=config.seed, splits=SPLITS, exclusive_by="fov_id")
     rng_unet, rng_gan, rng_frames = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     unet = ConditionalUNet(
         num_proteins=count_unique_proteins(splits),
