@@ -169,6 +169,28 @@ def _predict(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/evaluation.json and {args.out}/predictions.png")
 
 
+def _crop(args: argparse.Namespace) -> None:
+    from dlfb_localization.dataset.raw import CropSettings, RawLayout, crop_release
+
+    layout = RawLayout(
+        args.nucleus_file, args.protein_file, args.nucleus_channel, args.protein_channel
+    )
+    settings = CropSettings(args.pixel_size, args.target_pixel_size, args.crop_size)
+    fields = crop_release(
+        args.raw_dir,
+        args.out,
+        annotations=args.annotations,
+        layout=layout,
+        settings=settings,
+        overwrite=args.overwrite,
+        progress=True,
+    )
+    print(
+        f"wrote {fields['n_crops'].sum()} crops of {fields['n_nuclei'].sum()} nuclei "
+        f"in {len(fields)} fields into {args.out} (QC pictures in {args.out / 'qc'})"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -298,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data(figures)
     figures.set_defaults(func=_figures)
     _add_predict(commands)
+    _add_crop(commands)
     return parser
 
 
@@ -336,6 +359,59 @@ def _add_predict(commands) -> None:
     predict.add_argument("--out", type=Path, required=True, help="output folder")
     add_flags(predict, PredictConfig, skip=("data",))
     predict.set_defaults(func=_predict)
+
+
+def _add_crop(commands) -> None:
+    from dlfb_localization.dataset.raw import OPENCELL_PIXEL_UM, RawLayout
+
+    default = RawLayout()
+    crop = commands.add_parser(
+        "crop",
+        help="raw microscope fields of view to crops in the release format",
+        description="Reads 16-bit TIFF/OME-TIFF fields from RAW_DIR (one folder "
+        "per protein, GENE_ENSG…), segments the nuclei, cuts one 100x100 crop per "
+        "nucleus and writes Image_dataNN.npy / Label_dataNN.csv (the release "
+        "format that prepare and train read), fields.csv and a QC picture per "
+        "field in OUT/qc. Nothing is left behind in OUT if a field is bad.",
+    )
+    crop.add_argument("raw_dir", type=Path, help="folder of protein folders")
+    crop.add_argument("--out", type=Path, required=True, help="release folder")
+    crop.add_argument(
+        "--annotations",
+        type=Path,
+        default=None,
+        help="CSV with ensg,name,loc_grade1[,loc_grade2,loc_grade3]",
+    )
+    crop.add_argument(
+        "--pixel-size",
+        type=float,
+        default=OPENCELL_PIXEL_UM,
+        help=f"µm per raw pixel (default: OpenCell's {OPENCELL_PIXEL_UM})",
+    )
+    crop.add_argument(
+        "--target-pixel-size",
+        type=float,
+        default=2 * OPENCELL_PIXEL_UM,
+        help=f"µm per crop pixel (default: {2 * OPENCELL_PIXEL_UM}, as cytoself's)",
+    )
+    crop.add_argument("--crop-size", type=int, default=100, help="default: 100")
+    for what in ("nucleus", "protein"):
+        crop.add_argument(
+            f"--{what}-file",
+            default=getattr(default, f"{what}_file"),
+            help=f"file name pattern of the {what} channel, {{field}} standing for "
+            f"the field's name (default: {getattr(default, f'{what}_file')!r}; the "
+            "same pattern for both means one multi-channel stack per field)",
+        )
+        crop.add_argument(
+            f"--{what}-channel",
+            type=int,
+            default=getattr(default, f"{what}_channel"),
+            help=f"channel index of the {what} in a multi-channel file "
+            f"(default: {getattr(default, f'{what}_channel')})",
+        )
+    crop.add_argument("--overwrite", action="store_true", help="replace OUT")
+    crop.set_defaults(func=_crop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,8 @@ that the nucleus channel and every protein pattern are drawn from.
 import math
 
 import numpy as np
-from scipy import ndimage
 
+from dlfb_localization.dataset.channels import nuclear_distance
 from dlfb_localization.dataset.synthetic.fields import _field, _grid
 
 # Geometry, in pixels of a crop (~0.4 um/px, where a HEK293T nucleus is ~35 px).
@@ -232,9 +232,8 @@ def _build_fov(
     owner = label.copy()
     label[(edge < gap_width) & ~nucleus] = -1
 
-    distance = ndimage.distance_transform_edt(nucleus).astype(_F32)
-    outside = ndimage.distance_transform_edt(~nucleus).astype(_F32)
-    distance -= outside
+    distance = nuclear_distance(nucleus)
+    outside = np.maximum(-distance, _F32(0))  # EDT of the background, 0 inside.
 
     # Nucleoli: soft discs with ragged edges, only evaluated inside nuclei.
     inside = np.flatnonzero(nucleus)
