@@ -27,6 +27,7 @@ from dlfb_localization.dataset.sources import (
     discover_blocks,
     fingerprint,
 )
+from dlfb_localization.files import replace_when_written, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -156,28 +157,24 @@ def _build(blocks, channels, paths, expected, progress) -> None:
         ) from error
     # The old manifest goes first, so a crash below leaves no valid-looking cache.
     paths["manifest"].unlink(missing_ok=True)
-    tmp = {key: path.with_name(path.name + ".tmp") for key, path in paths.items()}
-    try:
-        content = hashlib.sha256()
-        _write_images(blocks, channels, tmp["images"], expected, progress, content)
-        _write_labels(blocks, tmp["labels"])
-        content.update(tmp["labels"].read_bytes())
-        os.replace(tmp["images"], paths["images"])
-        os.replace(tmp["labels"], paths["labels"])
-        manifest = {
-            "payload": expected,
-            # Identifies the data, not the files: the same frames and labels
-            # written again (new mtimes) give the same digest, so checkpoints
-            # trained on them are still recognised.
-            "content_sha256": content.hexdigest(),
-            "images_bytes": paths["images"].stat().st_size,
-            "labels_bytes": paths["labels"].stat().st_size,
-        }
-        tmp["manifest"].write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp["manifest"], paths["manifest"])
-    finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
+    content = hashlib.sha256()
+    with (
+        replace_when_written(paths["images"]) as images,
+        replace_when_written(paths["labels"]) as labels,
+    ):
+        _write_images(blocks, channels, images, expected, progress, content)
+        _write_labels(blocks, labels)
+        content.update(labels.read_bytes())
+    manifest = {
+        "payload": expected,
+        # Identifies the data, not the files: the same frames and labels
+        # written again (new mtimes) give the same digest, so checkpoints
+        # trained on them are still recognised.
+        "content_sha256": content.hexdigest(),
+        "images_bytes": paths["images"].stat().st_size,
+        "labels_bytes": paths["labels"].stat().st_size,
+    }
+    write_text(json.dumps(manifest, indent=1), paths["manifest"])
 
 
 def _write_images(blocks, channels, path: Path, manifest: dict, progress, content):
