@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from dlfb_localization.locks import FolderLockedError
 from dlfb_localization.settings import add_flags, from_flags, parse_channels
 
 SPLIT_CHOICES = ("train", "valid", "test")
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, KeyError) as error:
+    except (ValueError, OSError, KeyError, FolderLockedError) as error:
         print(f"dlfb-localization {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,7 @@ can rebuild exactly the data and model a run was trained on::
       config.json    the RunConfig (written first, through a temporary file)
       checkpoints/   Orbax steps written by `train` after every epoch
       metrics.json   the training history, once training has finished
+      .lock          while a process writes the folder (`locks.lock_folder`)
 
 Randomness follows the chapter: `PRNGKey(seed)` is split into `rng_frames` (for
 figures), `rng_dataset` (splits), `rng_init` (weights) and `rng_train` (data
@@ -34,6 +35,7 @@ from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.utils import count_unique_proteins
 from dlfb_localization.files import write_json
 from dlfb_localization.history import History
+from dlfb_localization.locks import lock_folder
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.model.codebook import LOOKUPS, CodebookOptions
 from dlfb_localization.model.cytoself import CytoselfModel
@@ -353,36 +355,40 @@ def train_run(
 
     A folder holding another configuration is refused with
     `checkpoint.ConfigMismatchError` naming the differing settings; nothing in
-    it is changed.
+    it is changed. The folder is locked first (`locks.lock_folder`).
+
+    Raises:
+      checkpoint.ConfigMismatchError: `store` holds a run with other settings.
+      locks.FolderLockedError: another process is writing `store`.
     """
     store = Path(store)
-    if (store / CONFIG_FILE).is_file():
-        stored = _read_config(store)
-        differences = checkpoint.find_config_differences(
-            stored.to_json(), config.to_json()
-        )
-        if differences:
-            raise checkpoint.ConfigMismatchError(
-                f"{store} holds a run with other settings; use another --store. "
-                "Differences: " + "; ".join(differences)
+    with lock_folder(store):
+        if (store / CONFIG_FILE).is_file():
+            stored = _read_config(store)
+            differences = checkpoint.find_config_differences(
+                stored.to_json(), config.to_json()
             )
-    splits = build_splits(config, progress=progress)
-    state = create_state(config, splits)
-    store.mkdir(parents=True, exist_ok=True)
-    write_json(config.to_json(), store / CONFIG_FILE)
-    state, metrics = train(
-        state=state,
-        rng=_keys(config.seed).train,
-        dataset_splits=splits,
-        num_epochs=config.num_epochs,
-        batch_size=config.batch_size,
-        classification_weight=config.classification_weight,
-        eval_every=config.eval_every,
-        store_path=store / CHECKPOINTS,
-        augment=config.augment,
-        settings=config.settings(),
-    )
-    write_json(metrics, store / METRICS_FILE)
+            if differences:
+                raise checkpoint.ConfigMismatchError(
+                    f"{store} holds a run with other settings; use another --store. "
+                    "Differences: " + "; ".join(differences)
+                )
+        splits = build_splits(config, progress=progress)
+        state = create_state(config, splits)
+        write_json(config.to_json(), store / CONFIG_FILE)
+        state, metrics = train(
+            state=state,
+            rng=_keys(config.seed).train,
+            dataset_splits=splits,
+            num_epochs=config.num_epochs,
+            batch_size=config.batch_size,
+            classification_weight=config.classification_weight,
+            eval_every=config.eval_every,
+            store_path=store / CHECKPOINTS,
+            augment=config.augment,
+            settings=config.settings(),
+        )
+        write_json(metrics, store / METRICS_FILE)
     return Run(config, splits, state, metrics, _keys(config.seed).frames)
 
 

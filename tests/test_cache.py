@@ -10,6 +10,7 @@ from dlfb_localization.cli import main
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.cache import open_cache
 from dlfb_localization.dataset.utils import get_dataset
+from dlfb_localization.locks import LOCK_FILE, FolderLockedError, lock_folder
 
 
 def _cache_files(path):
@@ -155,3 +156,17 @@ def test_symlinks_at_the_old_temporary_names_are_not_written_through(
         assert (cache / f"{name}.tmp").is_symlink()
     frames, _, _ = open_cache(path)
     np.testing.assert_array_equal(frames, images[..., :1])
+
+
+def test_a_cache_being_built_is_refused_and_a_built_one_read(tiny_release):
+    path, images, _ = tiny_release
+    cache = path / "dlfb_cache"
+    with lock_folder(cache):
+        with pytest.raises(FolderLockedError, match="dlfb_cache is being written"):
+            open_cache(path)
+        assert os.listdir(cache) == [LOCK_FILE]
+    _, _, digest = open_cache(path)
+    with lock_folder(cache):  # readers of a finished cache take no lock
+        frames_again, _, digest_again = open_cache(path)
+    np.testing.assert_array_equal(frames_again, images[..., :1])
+    assert digest_again == digest
