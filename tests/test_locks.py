@@ -2,6 +2,8 @@
 refused run leaves nothing behind; two writers started together end with one
 consistent result."""
 
+import dataclasses
+import json
 import os
 import signal
 import socket
@@ -123,6 +125,42 @@ def test_the_command_line_names_the_holder_in_one_line(
     error = capsys.readouterr().err
     assert error.count("\n") == 1
     assert f"is being written by pid {os.getpid()} on " in error
+
+
+def test_a_refused_run_leaves_no_trace_and_the_corrected_one_trains(
+    module_tiny_release, tmp_path
+):
+    data, _, _ = module_tiny_release
+    store = tmp_path / "run"
+    config = runs.RunConfig(data=str(data), **TINY_RUN)
+    with pytest.raises(ValueError, match="num_epochs must be >= 1"):
+        runs.train_run(dataclasses.replace(config, num_epochs=0), store)
+    assert not store.exists()
+    too_big = dataclasses.replace(config, batch_size=10_000)
+    with pytest.raises(ValueError, match="batch_size must be in"):
+        runs.train_run(too_big, store, progress=False)
+    assert os.listdir(store) == []
+
+    run = runs.train_run(config, store, progress=False)
+    stored = json.loads((store / "config.json").read_text())
+    assert runs.RunConfig.from_json(stored) == run.config == config
+    assert [r["epoch"] for r in run.metrics["train"]["total_loss"]] == [0]
+    _assert_one_consistent_run(store, config)
+
+
+def test_settings_stored_before_a_first_epoch_failed_are_replaced(
+    module_tiny_release, tmp_path
+):
+    # A run that stopped before its first checkpoint trained nothing: other
+    # settings in the same folder are not refused.
+    data, _, _ = module_tiny_release
+    store = tmp_path / "run"
+    store.mkdir()
+    stopped = runs.RunConfig(data=str(data), **{**TINY_RUN, "learning_rate": 0.01})
+    (store / "config.json").write_text(json.dumps(stopped.to_json()))
+    config = runs.RunConfig(data=str(data), **TINY_RUN)
+    runs.train_run(config, store, progress=False)
+    _assert_one_consistent_run(store, config)
 
 
 def _assert_one_consistent_run(store: Path, config: runs.RunConfig) -> None:
