@@ -21,6 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
+from dlfb_localization.locks import FolderLockedError
 from dlfb_localization.settings import add_flags, from_flags, parse_channels
 
 SPLIT_CHOICES = ("train", "valid", "test")
@@ -470,9 +471,10 @@ class _NoTracebacks(logging.Filter):
 
 
 # The library's errors (DataFormatError, ConfigMismatchError,
-# DamagedCheckpointError, NonFiniteLossError) derive from these, and their
+# DamagedCheckpointError, NonFiniteLossError) derive from these (and
+# FolderLockedError names the folder's writer), and their
 # messages name the file or folder and the fix.
-_EXPECTED = (ValueError, OSError, ArithmeticError)
+_EXPECTED = (ValueError, OSError, ArithmeticError, FolderLockedError)
 
 
 def _describe(error: Exception, debug: bool) -> str:

@@ -24,6 +24,7 @@ from dlfb_localization.embeddings import get_frame_embeddings
 from dlfb_localization.evaluate import evaluate
 from dlfb_localization.figures import save_figure, write_model_figures
 from dlfb_localization.files import write_json, write_text
+from dlfb_localization.locks import lock_folder
 from dlfb_localization.runs import RunConfig, create_state, train_run
 
 EMBEDDED_SAMPLE = SyntheticSpec(
@@ -64,10 +65,19 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
 
     Writes `data/` (the sample), `evaluation_data/` (unseen proteins),
     `runs/<model>/` (config, checkpoints, metrics), `evaluation/<model>.json`,
-    `figures/*.png` and `report.md`.
+    `figures/*.png` and `report.md`, holding the folder's lock
+    (`locks.lock_folder`) throughout.
+
+    Raises:
+      locks.FolderLockedError: another process is writing `out_dir`.
     """
     out = Path(out_dir)
     print(_plan(out))
+    with lock_folder(out):
+        return _run(out, seed)
+
+
+def _run(out: Path, seed: int) -> Path:
     clock = _Clock(total=5)
     clock.stage(
         "data",

@@ -36,6 +36,7 @@ from dlfb_localization.embeddings import (
     aggregate_by_protein,
     frame_rows,
 )
+from dlfb_localization.files import replace_when_written
 
 __all__ = ["export_embeddings"]
 
@@ -152,18 +153,13 @@ def export_embeddings(
         "frames": out / f"{name}_frames.csv",
         "proteins": out / f"{name}_proteins.csv",
     }
-    temporary = {
-        key: path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        for key, path in paths.items()
-    }
-    try:
-        with open(temporary["arrays"], "wb") as f:
+    with (
+        replace_when_written(paths["arrays"]) as arrays_tmp,
+        replace_when_written(paths["frames"]) as frames_tmp,
+        replace_when_written(paths["proteins"]) as proteins_tmp,
+    ):
+        with open(arrays_tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
-        _spreadsheet_safe(frames_table).to_csv(temporary["frames"], index=False)
-        _spreadsheet_safe(proteins_table).to_csv(temporary["proteins"], index=False)
-        for key, path in paths.items():
-            os.replace(temporary[key], path)
-    finally:
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
+        _spreadsheet_safe(frames_table).to_csv(frames_tmp, index=False)
+        _spreadsheet_safe(proteins_table).to_csv(proteins_tmp, index=False)
     return paths

@@ -18,6 +18,7 @@ from dlfb_localization.embeddings import (
     get_frame_embeddings,
     histogram_levels,
 )
+from dlfb_localization.files import replace_when_written
 from dlfb_localization.history import History
 from dlfb_localization.inspect.codebook import plot_codebook_usage
 from dlfb_localization.inspect.embeddings.clustering import (
@@ -39,11 +40,12 @@ N_CODE_GROUPS = 8  # the chapter's n_clusters for the feature spectra
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    """Saves a figure as PNG through a temporary file, and closes it."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    """Saves a figure as PNG through `files.replace_when_written`, and closes it."""
+    try:
+        with replace_when_written(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     logger.info("wrote %s", path)
     return path
 

@@ -9,20 +9,23 @@ is passed in: `train.train` (the VQ-VAE and cytoself) and
 `nucleus.train.train_unet`/`train_gan` are thin wrappers around it.
 """
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from dlfb_localization import checkpoint
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.prefetch import prefetch_to_device
 from dlfb_localization.history import History, HistoryLogger
+from dlfb_localization.locks import lock_folder
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +176,9 @@ def fit(
     logger.
 
     With `store_path`, an Orbax checkpoint (state, epoch, metrics, `config`) is
-    written after every epoch (`checkpoint.save_epoch`). Called again with the
+    written after every epoch (`checkpoint.save_epoch`), the folder's lock
+    (`locks.lock_folder`) held from before the first read to after the last
+    save. Called again with the
     same `config`, a finished run is restored without training and an
     interrupted one resumes at the next epoch (`checkpoint.restore_run`): the
     data order depends only on the epoch, so as long as the step's randomness
@@ -213,6 +218,7 @@ def fit(
         names the epoch and steps, and the last checkpoint on disk is left as
         it was.
       checkpoint.ConfigMismatchError: `store_path` holds a different run.
+      locks.FolderLockedError: another process is writing `store_path`.
     """
     check_epochs(num_epochs, eval_every)
     check_batch_size(batch_size, len(train_split))
@@ -223,10 +229,8 @@ def fit(
     parallel = DataParallel() if parallel is None else parallel
     history = HistoryLogger()
     start_epoch = 0
-    manager = None
-    try:
-        if store_path is not None:
-            manager = checkpoint.open_manager(store_path)
+    with _open_store(store_path) as manager:
+        if manager is not None:
             resumed = checkpoint.restore_run(manager, state, config)
             if resumed is not None:
                 state = resumed.state
@@ -295,7 +299,24 @@ def fit(
                     checkpoint.save_epoch(
                         manager, state, epoch, config, history.export()
                     )
-    finally:
-        if manager is not None:
-            manager.close()
     return state, history.export()
+
+
+@contextlib.contextmanager
+def _open_store(
+    store_path: str | os.PathLike | None,
+) -> Iterator[ocp.CheckpointManager | None]:
+    """The checkpoint manager of `store_path` (None without one), used while
+    holding the folder's lock (`locks.lock_folder`) and closed after. The
+    processes of one multi-process run write the store together: process 0
+    holds the lock for all of them."""
+    if store_path is None:
+        yield None
+        return
+    lock = lock_folder(store_path) if jax.process_index() == 0 else None
+    with lock or contextlib.nullcontext():
+        manager = checkpoint.open_manager(store_path)
+        try:
+            yield manager
+        finally:
+            manager.close()

@@ -6,9 +6,11 @@ kept in the run folder (its "store"), so that `evaluate`, `embed` and `figures`
 can rebuild exactly the data and model a run was trained on::
 
     store/
-      config.json    the RunConfig (written first, through a temporary file)
+      config.json    the RunConfig (written once the settings are checked,
+                     through a temporary file)
       checkpoints/   Orbax steps written by `train` after every epoch
       metrics.json   the training history, once training has finished
+      .lock          while a process writes the folder (`locks.lock_folder`)
 
 `config.json` records the data folder (and the cache folder, if one was named)
 as absolute paths, so a run is read back from any working directory. A run
@@ -41,6 +43,8 @@ from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.utils import count_unique_proteins
 from dlfb_localization.files import write_json
 from dlfb_localization.history import History
+from dlfb_localization.locks import lock_folder
+from dlfb_localization.loop import check_epochs
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.model.codebook import LOOKUPS, CodebookOptions
 from dlfb_localization.model.cytoself import CytoselfModel
@@ -48,7 +52,7 @@ from dlfb_localization.model.interface import ModelState
 from dlfb_localization.model.vqvae import ENCODERS
 from dlfb_localization.orientation import AUGMENT_MODES
 from dlfb_localization.settings import parse_channels, setting
-from dlfb_localization.train import train
+from dlfb_localization.train import check_arguments, train
 
 logger = logging.getLogger(__name__)
 
@@ -369,10 +373,21 @@ def train_run(
 ) -> Run:
     """Trains (or resumes, or restores) the run `config` in the folder `store`.
 
-    A folder holding another configuration is refused with
-    `checkpoint.ConfigMismatchError` naming the differing settings; nothing in
-    it is changed. The data (and cache) folder is recorded as an absolute path;
-    where it lies is not compared (the checkpoint compares the data itself).
+    Nothing is written before every setting is checked: the epochs first, then,
+    holding the folder's lock (`locks.lock_folder`), the data and the initial
+    state are built and `train`'s arguments checked (`train.check_arguments`);
+    only then is `config.json` written. A folder holding another configuration
+    is refused with `checkpoint.ConfigMismatchError` naming the differing
+    settings, and nothing in it is changed; a `config.json` with no finished
+    epoch beside it (training stopped before its first checkpoint) trained
+    nothing, and is replaced. The data (and cache) folder is recorded as an
+    absolute path; where it lies is not compared (the checkpoint compares the
+    data itself).
+
+    Raises:
+      ValueError: a setting is invalid; nothing was written.
+      checkpoint.ConfigMismatchError: `store` holds a run with other settings.
+      locks.FolderLockedError: another process is writing `store`.
     """
     store = Path(store)
     config = dataclasses.replace(
@@ -383,34 +398,59 @@ def train_run(
             if getattr(config, name) is not None
         },
     )
-    if (store / CONFIG_FILE).is_file():
-        stored = _read_config(store)
-        differences = checkpoint.find_config_differences(
-            stored.settings(), config.settings()
+    check_epochs(config.num_epochs, config.eval_every)
+    with lock_folder(store):
+        _check_stored_config(config, store)
+        splits = build_splits(config, progress=progress)
+        state = create_state(config, splits)
+        check_arguments(
+            splits,
+            config.num_epochs,
+            config.batch_size,
+            config.eval_every,
+            config.augment,
         )
-        if differences:
-            raise checkpoint.ConfigMismatchError(
-                f"{store} holds a run with other settings; use another --store. "
-                "Differences: " + "; ".join(differences)
-            )
-    splits = build_splits(config, progress=progress)
-    state = create_state(config, splits)
-    store.mkdir(parents=True, exist_ok=True)
-    write_json(config.to_json(), store / CONFIG_FILE)
-    state, metrics = train(
-        state=state,
-        rng=_keys(config.seed).train,
-        dataset_splits=splits,
-        num_epochs=config.num_epochs,
-        batch_size=config.batch_size,
-        classification_weight=config.classification_weight,
-        eval_every=config.eval_every,
-        store_path=store / CHECKPOINTS,
-        augment=config.augment,
-        settings=config.settings(),
-    )
-    write_json(metrics, store / METRICS_FILE)
+        write_json(config.to_json(), store / CONFIG_FILE)
+        state, metrics = train(
+            state=state,
+            rng=_keys(config.seed).train,
+            dataset_splits=splits,
+            num_epochs=config.num_epochs,
+            batch_size=config.batch_size,
+            classification_weight=config.classification_weight,
+            eval_every=config.eval_every,
+            store_path=store / CHECKPOINTS,
+            augment=config.augment,
+            settings=config.settings(),
+        )
+        write_json(metrics, store / METRICS_FILE)
     return Run(config, splits, state, metrics, _keys(config.seed).frames)
+
+
+def _check_stored_config(config: RunConfig, store: Path) -> None:
+    """Raises `ConfigMismatchError` if `store` holds a checkpointed run of
+    other settings."""
+    if not (store / CONFIG_FILE).is_file():
+        return
+    differences = checkpoint.find_config_differences(
+        _read_config(store).settings(), config.settings()
+    )
+    if differences and _has_checkpoint(store):
+        raise checkpoint.ConfigMismatchError(
+            f"{store} holds a run with other settings; use another --store. "
+            "Differences: " + "; ".join(differences)
+        )
+
+
+def _has_checkpoint(store: Path) -> bool:
+    """Whether a finished epoch of the run in `store` is checkpointed."""
+    if not (store / CHECKPOINTS).is_dir():
+        return False
+    manager = checkpoint.open_manager(store / CHECKPOINTS)
+    try:
+        return manager.latest_step() is not None
+    finally:
+        manager.close()
 
 
 def _absolute(path: str | os.PathLike) -> str:

@@ -36,6 +36,7 @@ __all__ = [
     "DataParallel",
     "NonFiniteLossError",
     "TrainState",
+    "check_arguments",
     "compute_losses",
     "compute_metrics",
     "default_microbatches",
@@ -291,13 +292,18 @@ def _check_classes(state: TrainState, dataset_splits: dict[str, Dataset]) -> Non
             )
 
 
-def _check_arguments(
+def check_arguments(
     dataset_splits: dict[str, Dataset],
     num_epochs: int,
     batch_size: int,
     eval_every: int,
     augment: str,
 ) -> None:
+    """Checks `train`'s arguments of these names, as `train` does first.
+
+    Raises:
+      ValueError: one is invalid; the message names it.
+    """
     missing = {"train", "valid"} - set(dataset_splits)
     if missing:
         raise ValueError(f"dataset_splits needs the splits {sorted(missing)}")
@@ -401,7 +407,7 @@ def train(
         epoch and steps, and the last checkpoint on disk is left as it was.
       checkpoint.ConfigMismatchError: `store_path` holds a different run.
     """
-    _check_arguments(dataset_splits, num_epochs, batch_size, eval_every, augment)
+    check_arguments(dataset_splits, num_epochs, batch_size, eval_every, augment)
     _check_classes(state, dataset_splits)
     parallel = DataParallel()
     state = parallel.place_state(state)

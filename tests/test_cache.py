@@ -6,9 +6,11 @@ import os
 import numpy as np
 import pytest
 
+from dlfb_localization.cli import main
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.cache import open_cache
 from dlfb_localization.dataset.utils import get_dataset
+from dlfb_localization.locks import LOCK_FILE, FolderLockedError, lock_folder
 
 
 def _cache_files(path):
@@ -133,3 +135,38 @@ def test_float16_overflow_is_an_error_not_inf(tiny_release):
         open_cache(path, cache_dtype="float16")
     with pytest.raises(ValueError, match="cache_dtype must be one of"):
         open_cache(path, cache_dtype="bfloat16")
+
+
+def test_symlinks_at_the_old_temporary_names_are_not_written_through(
+    tiny_release, tmp_path, capsys
+):
+    # The names the cache used before were predictable: a symlink planted
+    # there in a shared data folder had `prepare` overwrite its target.
+    path, images, _ = tiny_release
+    cache = path / "dlfb_cache"
+    cache.mkdir()
+    targets = {}
+    for name in ("images_c0.npy", "labels_c0.csv", "manifest_c0.json"):
+        targets[name] = tmp_path / f"precious_{name}"
+        targets[name].write_text("not yours")
+        (cache / f"{name}.tmp").symlink_to(targets[name])
+    assert main(["prepare", str(path)]) == 0
+    for name, target in targets.items():
+        assert target.read_text() == "not yours"
+        assert (cache / f"{name}.tmp").is_symlink()
+    frames, _, _ = open_cache(path)
+    np.testing.assert_array_equal(frames, images[..., :1])
+
+
+def test_a_cache_being_built_is_refused_and_a_built_one_read(tiny_release):
+    path, images, _ = tiny_release
+    cache = path / "dlfb_cache"
+    with lock_folder(cache):
+        with pytest.raises(FolderLockedError, match="dlfb_cache is being written"):
+            open_cache(path)
+        assert os.listdir(cache) == [LOCK_FILE]
+    _, _, digest = open_cache(path)
+    with lock_folder(cache):  # readers of a finished cache take no lock
+        frames_again, _, digest_again = open_cache(path)
+    np.testing.assert_array_equal(frames_again, images[..., :1])
+    assert digest_again == digest

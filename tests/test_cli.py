@@ -445,11 +445,6 @@ def _step_folders(store: Path) -> list[Path]:
     return sorted(steps, key=lambda p: int(p.name))
 
 
-def _truncate_largest_array_file(step: Path) -> None:
-    largest = max((step / "state").rglob("*"), key=lambda p: p.stat().st_size)
-    largest.write_bytes(largest.read_bytes()[:100])
-
-
 def test_a_damaged_latest_checkpoint_falls_back_with_a_warning_or_is_refused(
     trained, tmp_path, capsys, caplog
 ):
@@ -469,7 +464,11 @@ def test_a_damaged_latest_checkpoint_falls_back_with_a_warning_or_is_refused(
     assert f"{run / 'checkpoints'}: step {newest.name} is damaged" in caplog.text
     assert loaded.metrics["train"]["total_loss"][-1]["epoch"] == 0
 
-    _truncate_largest_array_file(older)
+    # (Garbled JSON rather than a truncated array: a failed array read leaves
+    # Orbax coroutines that later tests would report; test_checkpoint covers
+    # truncated arrays.)
+    meta = older / "meta" / "metadata"
+    meta.write_text(meta.read_text()[:21])
     with pytest.raises(DamagedCheckpointError, match=f"{run / 'checkpoints'}: no"):
         runs.load_run(run)
     assert main(["evaluate", "--store", str(run)]) == 1

@@ -351,3 +351,24 @@ def test_spec_validation_names_the_field(change, field):
 def test_protein_index_out_of_range():
     with pytest.raises(IndexError, match="n_proteins"):
         generate_protein(SyntheticSpec(n_proteins=2), 2)
+
+
+def test_symlinks_at_the_old_temporary_names_are_not_written_through(tmp_path):
+    # The names the writers used before were predictable (`<file>.tmp`).
+    out = tmp_path / "release"
+    out.mkdir()
+    spec = SyntheticSpec(
+        n_proteins=2, fovs_per_protein=1, crops_per_fov=2, n_blocks=1, image_size=32
+    )
+    targets = {}
+    for name in ("Image_data00.npy", "Label_data00.csv"):
+        targets[name] = tmp_path / f"precious_{name}"
+        targets[name].write_text("not yours")
+        (out / f"{name}.tmp").symlink_to(targets[name])
+    write_release(out, spec)
+    for name, target in targets.items():
+        assert target.read_text() == "not yours"
+        assert (out / f"{name}.tmp").is_symlink()
+    write_release(tmp_path / "reference", spec)
+    for name in targets:
+        assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()

@@ -7,9 +7,12 @@ files sharing a stem that names its channels (and dtype, if not float32), e.g.
 for a float16 cache, which halves the disk and page cache the release needs.
 Each is written under a temporary name and renamed into place, the manifest
 last: a cache without a manifest that matches the source files and the on-disk
-sizes is stale or half-written, and is rebuilt.
+sizes is stale or half-written, and is rebuilt. One process at a time builds a
+cache (`locks.lock_folder` on its folder); another that finds it stale meanwhile
+fails at once, naming the builder. Reading a finished cache takes no lock.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,6 +30,8 @@ from dlfb_localization.dataset.sources import (
     discover_blocks,
     fingerprint,
 )
+from dlfb_localization.files import replace_when_written, write_text
+from dlfb_localization.locks import lock_folder
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +69,10 @@ def open_cache(
       `(frames, labels, digest)`: a read-only memmap of `cache_dtype`
       `[n_frames, h, w, len(channels)]`, the label table with a `frame_id` column
       (the row in `frames`), and a digest identifying this cache's content.
+
+    Raises:
+      locks.FolderLockedError: the cache needs building and another process is
+        building it.
     """
     channels = tuple(int(c) for c in channels)
     if cache_dtype not in CACHE_DTYPES:
@@ -86,7 +95,7 @@ def open_cache(
     reason = "force_recreate=True" if force_recreate else _stale_reason(paths, expected)
     if reason:
         logger.info("building cache %s (%s)", paths["images"], reason)
-        _build(blocks, channels, paths, expected, progress)
+        _build(blocks, channels, paths, expected, progress, force_recreate)
     frames = np.load(paths["images"], mmap_mode="r")
     labels = pd.read_csv(paths["labels"], dtype=_LABEL_DTYPES, keep_default_na=False)
     digest = json.loads(paths["manifest"].read_text())["content_sha256"][:16]
@@ -143,28 +152,31 @@ def _stale_reason(paths: dict[str, Path], expected: dict) -> str | None:
     return None
 
 
-def _build(blocks, channels, paths, expected, progress) -> None:
+def _build(blocks, channels, paths, expected, progress, force: bool) -> None:
+    """Writes the cache, holding its folder's lock (`locks.lock_folder`)."""
     folder = paths["images"].parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        folder.joinpath(".write-test").touch()
-        folder.joinpath(".write-test").unlink()
-    except OSError as error:
-        raise PermissionError(
-            f"cannot write the cache to {folder} ({error}); name a writable "
-            "folder with --cache-dir (cache_dir= in Python); the data folder "
-            "itself is never modified otherwise"
-        ) from error
-    # The old manifest goes first, so a crash below leaves no valid-looking cache.
-    paths["manifest"].unlink(missing_ok=True)
-    tmp = {key: path.with_name(path.name + ".tmp") for key, path in paths.items()}
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(lock_folder(folder))
+        except OSError as error:
+            raise PermissionError(
+                f"cannot write the cache to {folder} ({error}); name a writable "
+                "folder with --cache-dir (cache_dir= in Python); the data folder "
+                "itself is never modified otherwise"
+            ) from error
+        if not force and _stale_reason(paths, expected) is None:
+            return  # built by the writer that held the lock until a moment ago
+        # The old manifest goes first, so a crash below leaves no valid-looking
+        # cache.
+        paths["manifest"].unlink(missing_ok=True)
         content = hashlib.sha256()
-        _write_images(blocks, channels, tmp["images"], expected, progress, content)
-        _write_labels(blocks, tmp["labels"])
-        content.update(tmp["labels"].read_bytes())
-        os.replace(tmp["images"], paths["images"])
-        os.replace(tmp["labels"], paths["labels"])
+        with (
+            replace_when_written(paths["images"]) as images,
+            replace_when_written(paths["labels"]) as labels,
+        ):
+            _write_images(blocks, channels, images, expected, progress, content)
+            _write_labels(blocks, labels)
+            content.update(labels.read_bytes())
         manifest = {
             "payload": expected,
             # Identifies the data, not the files: the same frames and labels
@@ -174,11 +186,7 @@ def _build(blocks, channels, paths, expected, progress) -> None:
             "images_bytes": paths["images"].stat().st_size,
             "labels_bytes": paths["labels"].stat().st_size,
         }
-        tmp["manifest"].write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp["manifest"], paths["manifest"])
-    finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
+        write_text(json.dumps(manifest, indent=1), paths["manifest"])
 
 
 def _write_images(blocks, channels, path: Path, manifest: dict, progress, content):

@@ -7,6 +7,7 @@
       training.json     each model's loss per epoch
       evaluation.json   `evaluate_predictions` on the test fields of view
       predictions.png   `plot_predictions` of a few test frames
+      .lock             while a process writes the folder (`locks.lock_folder`)
 
 Each model is trained in the shared epoch loop (`loop.fit`) with an Orbax
 checkpoint (`dlfb_localization.checkpoint`) written after every epoch, with
@@ -28,6 +29,7 @@ from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.utils import count_unique_proteins
 from dlfb_localization.figures import save_figure
 from dlfb_localization.files import write_json
+from dlfb_localization.locks import lock_folder
 from dlfb_localization.nucleus.config import PredictConfig
 from dlfb_localization.nucleus.evaluate import evaluate_predictions
 from dlfb_localization.nucleus.figures import plot_predictions
@@ -60,11 +62,20 @@ def run_prediction(config: PredictConfig, out_dir: str | os.PathLike) -> dict:
     """Trains the U-Net (and the GAN), evaluates them on held-out fields of view
     and writes the files listed in the module docstring.
 
+    One process at a time writes `out_dir`: it is locked first.
+
     Returns:
       The `evaluate_predictions` result (models "unet" and, with `config.gan`,
       "gan").
+
+    Raises:
+      locks.FolderLockedError: another process is writing `out_dir`.
     """
-    out = Path(out_dir)
+    with lock_folder(out_dir):
+        return _run_prediction(config, Path(out_dir))
+
+
+def _run_prediction(config: PredictConfig, out: Path) -> dict:
     splits = DatasetBuilder(
         config.data, channels=(0, 1), cache_dir=config.cache_dir
     ).build(rng=config.seed, splits=SPLITS, exclusive_by="fov_id")

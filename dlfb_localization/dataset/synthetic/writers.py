@@ -3,7 +3,8 @@
 `write_release` streams FOV by FOV into `Image_dataNN.npy` / `Label_dataNN.csv`
 blocks; `write_sample_format` writes `<name>_pro/_nuc/_nucdist/_label.npy` protein
 by protein. Every file is written under a temporary name and renamed when
-complete. The file names come from `dataset.formats`, shared with the reader.
+complete (`files.replace_when_written`). The file names come from
+`dataset.formats`, shared with the reader.
 """
 
 import mmap
@@ -29,6 +30,7 @@ from dlfb_localization.dataset.synthetic.spec import (
     _label_rows,
     _plan,
 )
+from dlfb_localization.files import replace_when_written
 
 _F32 = np.float32
 # The default spec, one frozen instance shared by both writers' signatures.
@@ -89,8 +91,7 @@ def write_release(
             start, stop = bounds[block], bounds[block + 1]
             image_path = out / image_block_name(block)
             label_path = out / label_block_name(block)
-            tmp = image_path.with_name(image_path.name + ".tmp")
-            try:
+            with replace_when_written(image_path) as tmp:
                 array = np.lib.format.open_memmap(
                     tmp, mode="w+", dtype=_F32, shape=(stop - start, *shape)
                 )
@@ -107,9 +108,6 @@ def write_release(
                     released = _release_pages(array, filled, released)
                 array.flush()
                 del array
-                os.replace(tmp, image_path)
-            finally:
-                tmp.unlink(missing_ok=True)
             _write_csv(labels.iloc[start:stop], label_path)
             written += [image_path, label_path]
     _remove_stale_blocks(out, spec.n_blocks)
@@ -153,13 +151,8 @@ def write_sample_format(
         suffixes = (*SAMPLE_SUFFIXES, SAMPLE_LABEL_SUFFIX)
         for suffix, array in zip(suffixes, arrays, strict=True):
             path = out / f"{protein.name}{suffix}"
-            tmp = path.with_name(path.name + ".tmp")
-            try:
-                with open(tmp, "wb") as file:
-                    np.save(file, array, allow_pickle=array.dtype == object)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with replace_when_written(path) as tmp, open(tmp, "wb") as file:
+                np.save(file, array, allow_pickle=array.dtype == object)
             written.append(path)
     return written
 
@@ -172,12 +165,8 @@ def _as_uint16(image: np.ndarray) -> np.ndarray:
 
 
 def _write_csv(table: pd.DataFrame, path: pathlib.Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with replace_when_written(path) as tmp:
         table.to_csv(tmp, index=False, lineterminator="\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _release_pages(array: np.memmap, filled: int, released: int) -> int:
