@@ -15,9 +15,15 @@ checkpoints instead of trained again.
 """
 
 import dataclasses
+import hashlib
+import json
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from dlfb_localization import __version__
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.synthetic import SyntheticSpec, write_release
 from dlfb_localization.embeddings import get_frame_embeddings
@@ -25,6 +31,7 @@ from dlfb_localization.evaluate import evaluate
 from dlfb_localization.figures import save_figure, write_model_figures
 from dlfb_localization.files import write_json, write_text
 from dlfb_localization.locks import lock_folder
+from dlfb_localization.run_record import to_json
 from dlfb_localization.runs import RunConfig, create_state, train_run
 
 EMBEDDED_SAMPLE = SyntheticSpec(
@@ -68,6 +75,12 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
     `figures/*.png` and `report.md`, holding the folder's lock
     (`locks.lock_folder`) throughout.
 
+    Run again, it does only what changed: the samples are kept if the same
+    specs wrote them (`samples.json`), finished models are restored, and an
+    evaluation or the figures are reused when the parameters' bytes, the
+    evaluation data's fingerprint and the library's version they were computed
+    from (`<file>.inputs.json`) are the same.
+
     Raises:
       locks.FolderLockedError: another process is writing `out_dir`.
     """
@@ -84,8 +97,7 @@ def _run(out: Path, seed: int) -> Path:
         f"writing the embedded sample and {EVALUATION_SAMPLE.n_proteins} unseen "
         "proteins for evaluation",
     )
-    write_release(out / "data", EMBEDDED_SAMPLE, progress=True)
-    write_release(out / "evaluation_data", EVALUATION_SAMPLE, progress=True)
+    _write_samples(out)
 
     configs = {
         name: RunConfig(
@@ -113,36 +125,50 @@ def _run(out: Path, seed: int) -> Path:
         UNTRAINED[0]: create_state(first.config, first.splits),
         **{name: run.state for name, run in runs.items()},
     }
+    inputs = {name: _inputs(state, evaluation_split) for name, state in states.items()}
     results, embeddings = {}, {}
     for name, state in states.items():
+        path = out / "evaluation" / f"{name}.json"
+        results[name] = _reuse(path, inputs[name])
+        if results[name] is not None:
+            print(f"  {name}: reused {path} (same model, data and settings)")
+            continue
         print(f"  {name}")
         embeddings[name] = get_frame_embeddings(state, evaluation_split)
         results[name] = evaluate(
             state,
             evaluation_split,
-            out_path=out / "evaluation" / f"{name}.json",
+            out_path=path,
             progress=True,
             frame_embeddings=embeddings[name],
         )
+        write_json(inputs[name], _inputs_path(path))
 
     clock.stage("figures", "writing the figures")
     figures = out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    train_split = first.splits["train"]
-    written = {
-        "random_frames": save_figure(
-            train_split.plot_random_frames(n=16, rng=first.rng_frames),
-            figures / "random_frames.png",
+    drawn = {name: inputs[name] for name in runs}
+    written = _reused_figures(out, drawn)
+    if written is not None:
+        print(f"  reused {figures} (same models and data)")
+    else:
+        figures.mkdir(parents=True, exist_ok=True)
+        train_split = first.splits["train"]
+        written = {
+            "random_frames": save_figure(
+                train_split.plot_random_frames(n=16, rng=first.rng_frames),
+                figures / "random_frames.png",
+            )
+        }
+        written |= write_model_figures(
+            {name: (run.state, run.metrics) for name, run in runs.items()},
+            evaluation_split,
+            figures,
+            rng=first.rng_frames,
+            titles={name: title for name, (title, _) in MODELS.items()},
+            frame_embeddings=embeddings,
         )
-    }
-    written |= write_model_figures(
-        {name: (run.state, run.metrics) for name, run in runs.items()},
-        evaluation_split,
-        figures,
-        rng=first.rng_frames,
-        titles={name: title for name, (title, _) in MODELS.items()},
-        frame_embeddings=embeddings,
-    )
+        listing = {key: str(path.relative_to(out)) for key, path in written.items()}
+        write_json({"inputs": drawn, "figures": listing}, _inputs_path(figures))
 
     clock.stage("report", "writing the report")
     report = out / "report.md"
@@ -151,6 +177,61 @@ def _run(out: Path, seed: int) -> Path:
     clock.stop()
     print(f"run folder: {out.resolve()}\nreport: {report.resolve()}")
     return report
+
+
+def _write_samples(out: Path) -> None:
+    """Writes the sample and the unseen proteins, unless `out` holds both as
+    these specs wrote them (`samples.json`, written after them, says so):
+    rewriting them would also make the cache be built again."""
+    record = out / "samples.json"
+    wanted = to_json({"data": EMBEDDED_SAMPLE, "evaluation_data": EVALUATION_SAMPLE})
+    written = all((out / name).is_dir() for name in wanted)
+    if written and record.is_file() and json.loads(record.read_text()) == wanted:
+        print(f"  reused {out / 'data'} and {out / 'evaluation_data'}")
+        return
+    record.unlink(missing_ok=True)
+    write_release(out / "data", EMBEDDED_SAMPLE, progress=True)
+    write_release(out / "evaluation_data", EVALUATION_SAMPLE, progress=True)
+    write_json(wanted, record)
+
+
+def _inputs(state, split) -> dict:
+    """What an evaluation or a figure of `state` on `split` depends on: the
+    parameters' bytes, the split's fingerprint and the library's version."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(state.params)):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return {
+        "params_sha256": digest.hexdigest(),
+        "data": split.fingerprint,
+        "version": __version__,
+    }
+
+
+def _inputs_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.inputs.json")
+
+
+def _reuse(path: Path, inputs: dict) -> dict | None:
+    """The result stored at `path` if it was computed from `inputs`, else None."""
+    if not (path.is_file() and _inputs_path(path).is_file()):
+        return None
+    if json.loads(_inputs_path(path).read_text()) != inputs:
+        return None
+    return json.loads(path.read_text())
+
+
+def _reused_figures(out: Path, inputs: dict) -> dict[str, Path] | None:
+    """The figures in `out/figures` if they were drawn from models and data with
+    these `inputs` and are all there, else None."""
+    record = _inputs_path(out / "figures")
+    if not record.is_file():
+        return None
+    stored = json.loads(record.read_text())
+    written = {key: out / path for key, path in stored["figures"].items()}
+    if stored["inputs"] != inputs or not all(p.is_file() for p in written.values()):
+        return None
+    return written
 
 
 class _Clock:

@@ -57,13 +57,26 @@ def test_demo_writes_every_figure_and_the_report(tiny_demo, tmp_path, capsys):
     assert re.search(rf"Run took [0-9.]+ min \({stages}\)", text)
     assert str(report.resolve()) in capsys.readouterr().out
 
-    # A second run restores both models instead of training them again.
+    # A second run restores both models instead of training them again, and
+    # reuses what they give; an evaluation whose record is gone is computed
+    # again, and gives the same numbers.
     steps = {
         m: sorted(p.name for p in (out / "runs" / m / "checkpoints").iterdir())
         for m in ("with_head", "without_head")
     }
+    (out / "evaluation" / "with_head.json.inputs.json").unlink()
+    figure_times = {p: p.stat().st_mtime_ns for p in (out / "figures").glob("*.png")}
     demo.run(out)
-    assert "Epoch 1" not in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "Epoch 1" not in printed.err
+    assert f"reused {out / 'data'} and {out / 'evaluation_data'}" in printed.out
+    for model in ("untrained", "without_head"):
+        assert f"{model}: reused {out / 'evaluation' / model}.json" in printed.out
+    assert "with_head: reused" not in printed.out
+    assert f"reused {out / 'figures'} (same models and data)" in printed.out
+    assert {
+        p: p.stat().st_mtime_ns for p in (out / "figures").glob("*.png")
+    } == figure_times
     for model, names in steps.items():
         assert (
             sorted(p.name for p in (out / "runs" / model / "checkpoints").iterdir())
