@@ -293,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="export per-frame and per-protein embeddings with their labels",
         description="Writes SPLIT.npz (codebook histograms and mean quantized "
         "vectors of every frame and protein) and SPLIT_frames.csv / "
-        "SPLIT_proteins.csv (labels) into --out; numpy and pandas, or R, read them.",
+        "SPLIT_proteins.csv (labels) into --out; numpy and pandas, or R, read them. "
+        "SPLIT_frames.h5ad / SPLIT_proteins.h5ad hold the same as AnnData, for "
+        "scanpy.",
     )
     add_store(embed)
     embed.add_argument("--out", type=Path, required=True, help="folder to write into")

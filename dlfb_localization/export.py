@@ -19,15 +19,24 @@ For example, in a fresh Python session::
 
 R reads the CSV files directly and the arrays with `reticulate` or `RcppCNPy`.
 
+`<name>_frames.h5ad` and `<name>_proteins.h5ad` hold the same rows as AnnData
+(scanpy's format): the codebook histogram as `X` (one variable per code) and in
+`obsm["X_codebook_histogram"]`, the mean quantized vector in
+`obsm["X_mean_quantized"]`, the label table as `obs`. `scanpy.pp.neighbors`,
+`scanpy.tl.umap` and `scanpy.tl.leiden` run on them as they are (e.g.
+`sc.pp.neighbors(adata, use_rep="X_codebook_histogram")`).
+
 In the CSV files, a text cell that a spreadsheet would run as a formula (one
 starting with `=`, `+`, `-`, `@`, a tab or a carriage return, e.g. a gene
 named `=1+2`) is written with a leading `'`, as OWASP advises against CSV
 injection; the `.npz` keeps the text as it is.
 """
 
+import contextlib
 import os
 from pathlib import Path
 
+import anndata
 import numpy as np
 import pandas as pd
 
@@ -73,7 +82,7 @@ def export_embeddings(
 
     Per-protein values are the means over the protein's frames (as
     `aggregate_proteins`). Files are written under temporary names and renamed
-    into place only once all three are complete, so a crash never leaves a
+    into place only once all five are complete, so a crash never leaves a
     half-written file under the final name.
 
     Args:
@@ -84,7 +93,8 @@ def export_embeddings(
 
     Returns:
       `{"arrays": <name>.npz, "frames": <name>_frames.csv, "proteins":
-      <name>_proteins.csv}` paths. The npz holds `frame_ids` [n] int64,
+      <name>_proteins.csv, "frames_h5ad": <name>_frames.h5ad, "proteins_h5ad":
+      <name>_proteins.h5ad}` paths. The npz holds `frame_ids` [n] int64,
       `frame_protein_ids` [n] int64, `frame_histograms` [n, K] int32,
       `frame_vectors` [n, D] float32, `frame_localizations` [n] str (predominant
       localization, "" if unannotated), `protein_ids` [p] int64,
@@ -146,20 +156,52 @@ def export_embeddings(
         "protein_n_frames": protein_n_frames.astype(np.int64),
     }
 
+    annotated = {
+        "frames_h5ad": _annotated(
+            frames_table, "frame_id", histograms, vectors.astype(np.float32)
+        ),
+        "proteins_h5ad": _annotated(
+            proteins_table, "protein_id", protein_histograms, protein_vectors
+        ),
+    }
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
         "arrays": out / f"{name}.npz",
         "frames": out / f"{name}_frames.csv",
         "proteins": out / f"{name}_proteins.csv",
+        "frames_h5ad": out / f"{name}_frames.h5ad",
+        "proteins_h5ad": out / f"{name}_proteins.h5ad",
     }
-    with (
-        replace_when_written(paths["arrays"]) as arrays_tmp,
-        replace_when_written(paths["frames"]) as frames_tmp,
-        replace_when_written(paths["proteins"]) as proteins_tmp,
-    ):
-        with open(arrays_tmp, "wb") as f:
+    with contextlib.ExitStack() as stack:
+        tmp = {
+            key: stack.enter_context(replace_when_written(p))
+            for key, p in paths.items()
+        }
+        with open(tmp["arrays"], "wb") as f:
             np.savez_compressed(f, **arrays)
-        _spreadsheet_safe(frames_table).to_csv(frames_tmp, index=False)
-        _spreadsheet_safe(proteins_table).to_csv(proteins_tmp, index=False)
+        _spreadsheet_safe(frames_table).to_csv(tmp["frames"], index=False)
+        _spreadsheet_safe(proteins_table).to_csv(tmp["proteins"], index=False)
+        for key in ("frames_h5ad", "proteins_h5ad"):
+            annotated[key].write_h5ad(tmp[key])
     return paths
+
+
+def _annotated(
+    table: pd.DataFrame, key: str, histograms: np.ndarray, vectors: np.ndarray
+) -> anndata.AnnData:
+    """An AnnData of one row per frame or protein: the codebook histogram as X
+    (one variable per code) and in `obsm["X_codebook_histogram"]`, the mean
+    quantized vector in `obsm["X_mean_quantized"]`, the labels in `obs`."""
+    obs = table.set_index(table[key].astype(str).rename(None))
+    histograms = np.asarray(histograms, dtype=np.float32)
+    return anndata.AnnData(
+        X=histograms,
+        obs=obs,
+        var=pd.DataFrame(index=[f"code_{i}" for i in range(histograms.shape[1])]),
+        obsm={
+            "X_codebook_histogram": histograms,
+            "X_mean_quantized": np.asarray(vectors, dtype=np.float32),
+        },
+    )

@@ -89,6 +89,8 @@ def test_train_evaluate_embed_and_figures_from_a_run_folder(trained, tmp_path, c
     )
     arrays = np.load(out / "train.npz")
     assert arrays["frame_histograms"].shape[1] == 16
+    assert (out / "train_frames.h5ad").is_file()
+    assert (out / "train_proteins.h5ad").is_file()
     assert len(arrays["frame_ids"]) == result["n_frames"]
 
     figures = tmp_path / "figures"

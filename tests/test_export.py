@@ -42,7 +42,9 @@ def test_export_round_trips_without_pickle(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "valid.npz",
         "valid_frames.csv",
+        "valid_frames.h5ad",
         "valid_proteins.csv",
+        "valid_proteins.h5ad",
     ]
     with np.load(paths["arrays"], allow_pickle=False) as data:
         arrays = {key: data[key] for key in data.files}
@@ -102,7 +104,9 @@ def test_a_failed_export_leaves_neither_partial_nor_temporary_files(
     assert sorted(p.name for p in out.iterdir()) == [
         "old.npz",
         "old_frames.csv",
+        "old_frames.h5ad",
         "old_proteins.csv",
+        "old_proteins.h5ad",
     ]
 
 
@@ -134,3 +138,45 @@ def test_text_a_spreadsheet_would_run_is_defused_in_the_csv_only(tmp_path):
     with np.load(paths["arrays"]) as data:
         assert list(data["protein_names"]) == list(names)
         assert (data["frame_vectors"] == -1).all()  # numbers are left alone
+
+
+def test_anndata_files_hold_the_rows_embeddings_and_labels(tmp_path):
+    """scanpy's format: one AnnData per level, embeddings in `obsm`, labels in
+    `obs`, rows in the order of the npz."""
+    import anndata
+
+    split, embeddings = make_split()
+    paths = export_embeddings(split, embeddings, tmp_path, name="valid")
+
+    frames = anndata.read_h5ad(paths["frames_h5ad"])
+    n, k = embeddings["frame_histograms"].shape
+    assert frames.shape == (n, k)
+    assert list(frames.obs_names) == [str(i) for i in embeddings["frame_ids"]]
+    np.testing.assert_array_equal(
+        frames.obsm["X_codebook_histogram"], embeddings["frame_histograms"]
+    )
+    np.testing.assert_array_equal(frames.X, embeddings["frame_histograms"])
+    np.testing.assert_allclose(
+        frames.obsm["X_mean_quantized"], embeddings["frame_vectors"]
+    )
+    assert list(frames.obs["name"]) == [
+        f"GENE{p}" for p in split.labels.lookup["protein_id"]
+    ]
+    assert set(frames.obs.columns) >= {"protein_id", "fov_id", "loc_grade1"}
+
+    proteins = anndata.read_h5ad(paths["proteins_h5ad"])
+    with np.load(paths["arrays"]) as data:
+        assert list(proteins.obs_names) == [str(i) for i in data["protein_ids"]]
+        np.testing.assert_allclose(
+            proteins.obsm["X_codebook_histogram"], data["protein_histograms"]
+        )
+        np.testing.assert_allclose(
+            proteins.obsm["X_mean_quantized"], data["protein_vectors"]
+        )
+    assert list(proteins.obs["predominant_localization"]) == [
+        "er",
+        "golgi",
+        "",
+        "nuclear_membrane",
+    ]
+    assert list(proteins.obs["n_frames"]) == [6, 6, 6, 6]
