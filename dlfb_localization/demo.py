@@ -15,13 +15,9 @@ checkpoints instead of trained again.
 """
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
-
-import jax
-import numpy as np
 
 from dlfb_localization import __version__
 from dlfb_localization.dataset.builder import DatasetBuilder
@@ -31,7 +27,7 @@ from dlfb_localization.evaluate import evaluate
 from dlfb_localization.figures import save_figure, write_model_figures
 from dlfb_localization.files import write_json, write_text
 from dlfb_localization.locks import lock_folder
-from dlfb_localization.run_record import to_json
+from dlfb_localization.run_record import to_json, tree_sha256
 from dlfb_localization.runs import RunConfig, create_state, train_run
 
 EMBEDDED_SAMPLE = SyntheticSpec(
@@ -198,11 +194,8 @@ def _write_samples(out: Path) -> None:
 def _inputs(state, split) -> dict:
     """What an evaluation or a figure of `state` on `split` depends on: the
     parameters' bytes, the split's fingerprint and the library's version."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(state.params)):
-        digest.update(np.ascontiguousarray(leaf).tobytes())
     return {
-        "params_sha256": digest.hexdigest(),
+        "params_sha256": tree_sha256(state.params),
         "data": split.fingerprint,
         "version": __version__,
     }

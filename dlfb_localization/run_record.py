@@ -34,6 +34,7 @@ __all__ = [
     "find_config_differences",
     "rng_record",
     "to_json",
+    "tree_sha256",
 ]
 
 # Fingerprints of arrays are compared up to this fraction of the array's L1 norm:
@@ -84,14 +85,9 @@ def _fingerprint(tree: Any) -> dict[str, Any]:
     the leaf's scale times sqrt(size); recomputing on another backend changes it
     by at most rounding error times the L1 norm.
     """
-    digest = hashlib.sha256()
     projections, norms = [], []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        values = np.ascontiguousarray(jax.device_get(leaf))
-        digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(f"{values.dtype}{values.shape}".encode())
-        digest.update(values.tobytes())
-        flat = values.ravel()
+    for leaf in jax.tree.leaves(tree):
+        flat = np.ravel(jax.device_get(leaf))
         projection, norm = 0.0, 0.0
         for start in range(0, flat.size, _CHUNK):
             chunk = flat[start : start + _CHUNK].astype(np.float64)
@@ -101,7 +97,18 @@ def _fingerprint(tree: Any) -> dict[str, Any]:
             norm += float(np.abs(chunk).sum())
         projections.append(projection)
         norms.append(norm)
-    return {"sha256": digest.hexdigest(), "projections": projections, "norms": norms}
+    return {"sha256": tree_sha256(tree), "projections": projections, "norms": norms}
+
+
+def tree_sha256(tree: Any) -> str:
+    """The SHA-256 of a tree's arrays: each leaf's path, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        values = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(f"{values.dtype}{values.shape}".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()
 
 
 def _same_fingerprint(stored: Mapping, current: Mapping) -> bool:
