@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -171,9 +172,12 @@ def crop_release(
         if field.protein not in proteins:
             proteins[field.protein] = (len(proteins), _label_of(field, table))
 
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "qc").mkdir(parents=True)
+    # An unpredictable name, created new (nothing planted there is written into).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    )
+    (tmp / "qc").mkdir()
     try:
         summary = _write_blocks(
             fields, proteins, layout, settings, tmp, frames_per_block, progress
