@@ -175,25 +175,15 @@ def read_field(
       RawInputError: a file is unreadable, not 16-bit, lacks the channel, or the
         two images differ in size; the message names the file.
     """
-    if layout.is_stack:
-        stack = _read_channels(field.nucleus_path)
-        nucleus = _channel(stack, layout.nucleus_channel, "nucleus", field.nucleus_path)
-        protein = _channel(stack, layout.protein_channel, "protein", field.protein_path)
-    else:
-        nucleus = _channel(
-            _read_channels(field.nucleus_path),
-            layout.nucleus_channel,
-            "nucleus",
-            field.nucleus_path,
-            single_ok=True,
-        )
-        protein = _channel(
-            _read_channels(field.protein_path),
-            layout.protein_channel,
-            "protein",
-            field.protein_path,
-            single_ok=True,
-        )
+    # One multi-channel stack is read once; separate files may hold one channel.
+    stack = _read_channels(field.nucleus_path) if layout.is_stack else None
+
+    def read(path: Path, index: int, what: str) -> np.ndarray:
+        channels = _read_channels(path) if stack is None else stack
+        return _channel(channels, index, what, path, single_ok=stack is None)
+
+    nucleus = read(field.nucleus_path, layout.nucleus_channel, "nucleus")
+    protein = read(field.protein_path, layout.protein_channel, "protein")
     if nucleus.shape != protein.shape:
         raise RawInputError(
             f"{field.protein_path} is {protein.shape[1]}x{protein.shape[0]} px but "
