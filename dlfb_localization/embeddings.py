@@ -14,6 +14,7 @@ import functools
 
 import jax
 import numpy as np
+import pandas as pd
 from flax.training.train_state import TrainState
 
 from dlfb_localization.dataset import Dataset
@@ -37,6 +38,7 @@ __all__ = [
     "get_frame_embeddings",
     "histogram_levels",
     "iterate_inference_batches",  # from `inference`; documented here first
+    "label_tables",
     "named_embeddings",
     "protein_localizations",
 ]
@@ -225,6 +227,58 @@ def frame_rows(dataset_split: Dataset, frame_ids: np.ndarray) -> np.ndarray:
             "another split?"
         )
     return rows
+
+
+_LABEL_COLUMNS = ("ensg", "name", "loc_grade1", "loc_grade2", "loc_grade3")
+
+
+def label_tables(
+    dataset_split: Dataset, frame_ids: np.ndarray
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The labels of some frames, one row per frame and one per protein.
+
+    Args:
+      dataset_split: the split the frames belong to.
+      frame_ids: `[n]` frame ids of the split, in any order.
+
+    Returns:
+      `(frames, proteins)`. `frames`: one row per frame id, in their order,
+      with `frame_id`, `protein_id`, `ensg`, `name`, `loc_grade1..3` (text,
+      "" where empty), `fov_id` and `predominant_localization` (any
+      annotated name, "" if none). `proteins`: one row per protein of those
+      frames, ascending by id like `aggregate_by_protein`'s, with the same
+      label columns and `n_frames` (how many of the frames are its).
+    """
+    frame_ids = np.asarray(frame_ids, dtype=np.int64)
+    rows = frame_rows(dataset_split, frame_ids)
+    lookup = dataset_split.labels.lookup.iloc[rows].reset_index(drop=True)
+    predominant = dataset_split.labels.localizations("predominant", restrict=False)
+    frame_localization = np.asarray([str(v) for v in predominant[rows]], dtype=str)
+    frame_proteins = lookup["protein_id"].to_numpy(np.int64)
+    frames = pd.DataFrame(
+        {
+            "frame_id": frame_ids,
+            "protein_id": frame_proteins,
+            **{column: lookup[column].astype(str) for column in _LABEL_COLUMNS},
+            "fov_id": lookup["fov_id"].to_numpy(np.int64),
+            "predominant_localization": frame_localization,
+        }
+    )
+    # Sorted by protein id; labels are per protein, so any frame's will do.
+    protein_ids, first, n_frames = np.unique(
+        frame_proteins, return_index=True, return_counts=True
+    )
+    proteins = pd.DataFrame(
+        {
+            "protein_id": protein_ids,
+            **{
+                column: frames[column].to_numpy()[first]
+                for column in (*_LABEL_COLUMNS, "predominant_localization")
+            },
+            "n_frames": n_frames.astype(np.int64),
+        }
+    )
+    return frames, proteins
 
 
 def aggregate_by_protein(

@@ -41,15 +41,10 @@ import numpy as np
 import pandas as pd
 
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.embeddings import (
-    aggregate_by_protein,
-    frame_rows,
-)
+from dlfb_localization.embeddings import aggregate_by_protein, label_tables
 from dlfb_localization.files import replace_when_written
 
 __all__ = ["export_embeddings"]
-
-_LABEL_COLUMNS = ("ensg", "name", "loc_grade1", "loc_grade2", "loc_grade3")
 
 
 def _text(values) -> np.ndarray:
@@ -107,41 +102,14 @@ def export_embeddings(
     vectors = np.asarray(frame_embeddings["frame_vectors"])
     if not len(frame_ids) == len(histograms) == len(vectors):
         raise ValueError("frame_ids, frame_histograms and frame_vectors must align")
-    rows = frame_rows(dataset_split, frame_ids)
-    lookup = dataset_split.labels.lookup.iloc[rows].reset_index(drop=True)
-    predominant = dataset_split.labels.localizations("predominant", restrict=False)
-    frame_localization = _text(predominant[rows])
-
+    frames_table, proteins_table = label_tables(dataset_split, frame_ids)
+    frame_localization = _text(frames_table["predominant_localization"])
+    frame_proteins = frames_table["protein_id"].to_numpy(np.int64)
+    protein_n_frames = proteins_table["n_frames"].to_numpy(np.int64)
     protein_ids, protein_histograms = aggregate_by_protein(
         dataset_split, frame_ids, histograms
     )
     _, protein_vectors = aggregate_by_protein(dataset_split, frame_ids, vectors)
-    frame_proteins = lookup["protein_id"].to_numpy(np.int64)
-    # Sorted like `protein_ids`; labels are per protein, so any frame's will do.
-    _, protein_rows, protein_n_frames = np.unique(
-        frame_proteins, return_index=True, return_counts=True
-    )
-
-    frames_table = pd.DataFrame(
-        {
-            "frame_id": frame_ids,
-            "protein_id": frame_proteins,
-            **{column: lookup[column].astype(str) for column in _LABEL_COLUMNS},
-            "fov_id": lookup["fov_id"].to_numpy(np.int64),
-            "predominant_localization": frame_localization,
-        }
-    )
-    proteins_table = pd.DataFrame(
-        {
-            "protein_id": protein_ids,
-            **{
-                column: lookup[column].astype(str).to_numpy()[protein_rows]
-                for column in _LABEL_COLUMNS
-            },
-            "predominant_localization": frame_localization[protein_rows],
-            "n_frames": protein_n_frames,
-        }
-    )
     arrays = {
         "frame_ids": frame_ids,
         "frame_protein_ids": frame_proteins,
