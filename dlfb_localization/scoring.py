@@ -14,6 +14,7 @@ from dlfb_localization.embeddings import hellinger_features
 __all__ = [
     "compute_cluster_score",
     "knn_accuracy_ceiling",
+    "nearest_neighbours",
     "predict_knn",
     "score_knn",
     "score_majority",
@@ -86,6 +87,35 @@ def predict_knn(
     # Neighbours are sorted by distance: the first kept one of a tied class wins.
     first = np.argmax(keep & tied[rows, neighbour_codes], axis=1)
     return classes[neighbour_codes[np.arange(n), first]]
+
+
+def nearest_neighbours(
+    features: np.ndarray, *, k: int = 5, metric: str = "euclidean"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's `k` nearest other samples (exact, brute force).
+
+    Args:
+      features: `[n, d]` embeddings, n >= 2.
+      k: neighbours per sample (at most n - 1 are returned).
+      metric: as `predict_knn`'s ("hellinger" for histograms, or any
+        scikit-learn `NearestNeighbors` metric).
+
+    Returns:
+      `(rows, distances)`: `[n, min(k, n - 1)]` rows of `features`, nearest
+      first, never the sample itself (another sample at distance 0 may come
+      first), and their distances in the metric's space.
+    """
+    features, metric = to_metric_space(np.asarray(features), metric)
+    if len(features) < 2:
+        raise ValueError("nearest neighbours need at least two samples")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    search = NearestNeighbors(
+        n_neighbors=min(k, len(features) - 1), metric=metric, algorithm="brute"
+    )
+    # Without a query, scikit-learn leaves each fitted sample out of its own list.
+    distances, rows = search.fit(features).kneighbors()
+    return rows.astype(np.int64), distances
 
 
 def to_metric_space(features: np.ndarray, metric: str) -> tuple[np.ndarray, str]:

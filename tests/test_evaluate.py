@@ -20,6 +20,7 @@ from dlfb_localization.evaluate import (
     score_majority,
 )
 from dlfb_localization.model import LocalizationModel
+from dlfb_localization.scoring import nearest_neighbours
 
 MODEL = LocalizationModel(**tiny.CHAPTER)
 
@@ -60,6 +61,27 @@ def test_neighbours_from_the_samples_own_group_never_vote():
     np.testing.assert_array_equal(predictions, ["b", "b", "a", "a", "b", "b", "a", "a"])
     plain = predict_knn(features, labels, np.arange(8), k=1)
     np.testing.assert_array_equal(plain, labels)
+
+
+def test_nearest_neighbours_never_list_the_sample_itself():
+    # Rows 0 and 1 are twins (distance 0), so a search that returned each row's
+    # first hit and dropped it blindly could drop the twin and keep the row.
+    features = np.array([[0.0, 0.0], [0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    rows, distances = nearest_neighbours(features, k=2)
+    assert rows[:2].tolist() == [[1, 2], [0, 2]]
+    assert [sorted(r) for r in rows[2:].tolist()] == [[0, 1], [0, 1]]  # tied twins
+    np.testing.assert_allclose(distances, [[0, 3], [0, 3], [3, 3], [4, 4]])
+    # k is capped at the other samples; Hellinger is the distance of the
+    # square roots of the rows' distributions.
+    histograms = np.array([[4, 0], [1, 1], [0, 9]])
+    rows, distances = nearest_neighbours(histograms, k=5, metric="hellinger")
+    assert rows.shape == (3, 2)
+    roots = np.sqrt(histograms / histograms.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(
+        distances[:, 0], np.linalg.norm(roots - roots[rows[:, 0]], axis=1)
+    )
+    with pytest.raises(ValueError, match="at least two"):
+        nearest_neighbours(features[:1])
 
 
 def test_hellinger_compares_the_square_roots_of_code_use_distributions():
