@@ -7,21 +7,26 @@ from pathlib import Path
 
 import jax
 import matplotlib.pyplot as plt
+import numpy as np
 from flax.training.train_state import TrainState
 from matplotlib.figure import Figure
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.embeddings import (
+    aggregate_by_protein,
     aggregate_localizations,
     aggregate_proteins,
     cluster_feature_spectrums,
+    embedding_metric,
     get_frame_embeddings,
     histogram_levels,
+    label_tables,
 )
 from dlfb_localization.files import replace_when_written
 from dlfb_localization.history import History
 from dlfb_localization.inspect.codebook import plot_codebook_usage
 from dlfb_localization.inspect.embeddings.clustering import (
+    Projection,
     calculate_projection,
     plot_projection,
 )
@@ -29,14 +34,22 @@ from dlfb_localization.inspect.embeddings.feature_spectrum import (
     plot_encoding_corr_heatmap,
     plot_stacked_histograms,
 )
+from dlfb_localization.inspect.interactive import write_interactive_map
 from dlfb_localization.inspect.metrics import plot_losses, plot_perplexity
 from dlfb_localization.inspect.reconstruction import show_reconstruction
+from dlfb_localization.scoring import nearest_neighbours
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_figure", "write_model_figures"]
+__all__ = ["save_figure", "write_embedding_map", "write_model_figures"]
 
 N_CODE_GROUPS = 8  # the chapter's n_clusters for the feature spectra
+MAP_NEIGHBOURS = 5  # as the report's protein-level k-NN
+# The map's frames tab shows at most this many frames (a seeded sample beyond),
+# each with a 32-pixel thumbnail: ~1.4 kB a frame, so the demo's 1,174 frames
+# and 150 proteins make a file of about 4 MB, and any split stays under 10 MB
+# up to ~1,500 proteins.
+MAP_MAX_FRAMES = 2000
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
@@ -75,6 +88,96 @@ def _save_spectra(
         save(f"feature_spectra_{name}", fig)
 
 
+def write_embedding_map(
+    path: str | os.PathLike,
+    dataset_split: Dataset,
+    frame_embeddings: Mapping[str, np.ndarray],
+    projection: Projection,
+    *,
+    title: str = "Embedding map",
+    k: int = MAP_NEIGHBOURS,
+    max_frames: int = MAP_MAX_FRAMES,
+    seed: int = 0,
+) -> Path:
+    """`map.html`: the interactive map (`inspect.interactive`) of one model.
+
+    Each protein sits at the mean position of its frames in `projection` (the
+    frame UMAP that `umap.png` draws), coloured by its predominant
+    localization; its hover shows the first channel (the protein in the
+    chapter's data) of its first frame. Clicking it lists its `k` nearest
+    proteins by the Hellinger distance between their mean codebook histograms
+    (`aggregate_proteins`), the distance and protein embedding of the report's
+    protein-level k-NN, not by distance on the map. The frames tab shows every
+    frame, or a `seed`ed sample of `max_frames` of them.
+
+    Args:
+      path: the `.html` file to write.
+      dataset_split: the split the frames belong to (labels and crops).
+      frame_embeddings: `get_frame_embeddings` of one model on the split.
+      projection: the frames' 2-D positions (`calculate_projection`).
+      title: the page's heading.
+      k: neighbours listed per protein.
+      max_frames: most frames in the frames tab.
+      seed: chooses the frames shown when there are more than `max_frames`.
+
+    Returns:
+      `path`.
+    """
+    frame_ids = np.asarray(frame_embeddings["frame_ids"], dtype=np.int64)
+    protein_ids, protein_histograms = aggregate_proteins(
+        dataset_split, frame_ids, frame_embeddings["frame_histograms"]
+    )
+    xy_ids, protein_xy = aggregate_by_protein(
+        dataset_split, projection.frame_ids, projection.coordinates
+    )
+    if not np.array_equal(xy_ids, protein_ids):
+        raise ValueError("the projection and the embeddings hold other proteins")
+    frames, proteins = label_tables(dataset_split, projection.frame_ids)
+    metric = embedding_metric("codebook_histogram")
+    if len(protein_ids) > 1:
+        neighbours, distances = nearest_neighbours(
+            protein_histograms, k=k, metric=metric
+        )
+    else:  # a lone protein has none to list
+        neighbours, distances = np.zeros((1, 0), np.int64), np.zeros((1, 0))
+
+    images = dataset_split.images.frames
+    first_frames = frames.groupby("protein_id")["frame_id"].min()
+    thumbnails = images[first_frames.loc[protein_ids].to_numpy()][..., 0]
+    shown = np.arange(len(frames))
+    if len(shown) > max_frames:
+        generator = np.random.default_rng(seed)
+        shown = np.sort(generator.choice(shown, size=max_frames, replace=False))
+    frames = frames.iloc[shown]
+    frame_thumbnails = images[frames["frame_id"].to_numpy()][..., 0]
+    note = (
+        f"{len(proteins)} proteins, each at the centre of its frames in the UMAP "
+        "of the frames' codebook histograms (as in umap.png), coloured by its "
+        "predominant localization. Hover for its gene, localizations and a crop; "
+        "click it for its nearest proteins."
+    )
+    if len(shown) < len(projection.frame_ids):
+        note += (
+            f" The frames tab shows {len(shown)} of the "
+            f"{len(projection.frame_ids)} frames (seed {seed})."
+        )
+    return write_interactive_map(
+        path,
+        protein_xy=protein_xy,
+        protein_table=proteins,
+        neighbours=neighbours,
+        neighbour_distances=distances,
+        thumbnails=thumbnails,
+        frame_xy=projection.coordinates[shown],
+        frame_table=frames,
+        frame_thumbnails=frame_thumbnails,
+        title=title,
+        note=note,
+        neighbour_note=f" by {metric.capitalize()} distance of mean codebook "
+        "histograms (not distance on the map)",
+    )
+
+
 def write_model_figures(
     models: Mapping[str, tuple[TrainState, History | None]],
     dataset_split: Dataset,
@@ -83,6 +186,7 @@ def write_model_figures(
     rng: jax.Array | int = 0,
     titles: Mapping[str, str] | None = None,
     frame_embeddings: Mapping[str, dict] | None = None,
+    map_model: str | None = None,
 ) -> dict[str, Path]:
     """Writes the chapter's figures for each model, and one UMAP of them all.
 
@@ -94,20 +198,27 @@ def write_model_figures(
     feature-spectrum figures of its global codes (`<name>_global`). For all
     models together: `umap.png`, an
     AlignedUMAP of their codebook histograms (figure 6-14; a plain UMAP for one
-    model).
+    model), and `map.html`, an interactive map of one model's proteins and
+    frames on its panel of that UMAP (`write_embedding_map`; open it in a
+    browser): of `map_model`, by default the first model (the first `--store`
+    of the `figures` command).
 
     Args:
       models: name -> (state, training metrics or None).
       dataset_split: the frames to show and embed.
-      out_dir: folder for the PNG files (created if needed).
+      out_dir: folder for the files (created if needed).
       rng: key or seed choosing the frames shown in reconstructions.
       titles: name -> readable title (default: the names).
       frame_embeddings: name -> `get_frame_embeddings` results, if already
         computed (e.g. by `evaluate`); computed here otherwise.
+      map_model: the model `map.html` shows (default: the first).
 
     Returns:
       figure name -> path, in the order written.
     """
+    map_name = next(iter(models)) if map_model is None else map_model
+    if map_name not in models:
+        raise ValueError(f"map_model {map_name!r} is none of the models {list(models)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     titles = {name: (titles or {}).get(name, name) for name in models}
@@ -152,5 +263,12 @@ def write_model_figures(
         plot_projection(
             projection, dataset_split, titles=[titles[name] for name in models]
         ),
+    )
+    written["map"] = write_embedding_map(
+        out / "map.html",
+        dataset_split,
+        embeddings[map_name],
+        projection if len(models) == 1 else projection[map_name],
+        title=f"{titles[map_name]}: proteins in the embedding",
     )
     return written
