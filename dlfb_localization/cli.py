@@ -307,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reconstructions, losses, perplexity, codebook usage, feature "
         "correlation and spectra for each run, and one UMAP of them all (aligned "
         "by frame when several --store are given, e.g. with and without the "
-        "classification head). Runs must share their data.",
+        "classification head), as PNG files; and map.html, an interactive map of "
+        "the first run's proteins to open in a browser (hover for a crop, click "
+        "for nearest proteins). Runs must share their data.",
     )
     figures.add_argument(
         "--store",
@@ -319,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument(
         "--split", choices=SPLIT_CHOICES, default="test", help="default: test"
     )
-    figures.add_argument("--out", type=Path, required=True, help="folder for PNGs")
+    figures.add_argument(
+        "--out", type=Path, required=True, help="folder for the PNGs and map.html"
+    )
     add_data(figures)
     figures.set_defaults(func=_figures)
     _add_predict(commands)

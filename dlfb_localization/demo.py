@@ -60,6 +60,9 @@ MODELS = {
     "without_head": ("No ClassificationHead", 0.0),
 }
 UNTRAINED = ("untrained", "Untrained model")
+# The interactive map (`figures/map.html`) shows the model whose histograms
+# place unseen proteins best at this scale (README, "What the demo shows").
+MAP_MODEL = "without_head"
 EMBEDDINGS = ("codebook_histogram", "mean_quantized", "pixels_pca")
 
 
@@ -68,7 +71,8 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
 
     Writes `data/` (the sample), `evaluation_data/` (unseen proteins),
     `runs/<model>/` (config, checkpoints, metrics), `evaluation/<model>.json`,
-    `figures/*.png` and `report.md`, holding the folder's lock
+    `figures/*.png`, `figures/map.html` (interactive, of `MAP_MODEL`) and
+    `report.md`, holding the folder's lock
     (`locks.lock_folder`) throughout.
 
     Run again, it does only what changed: the samples are kept if the same
@@ -162,6 +166,7 @@ def _run(out: Path, seed: int) -> Path:
             rng=first.rng_frames,
             titles={name: title for name, (title, _) in MODELS.items()},
             frame_embeddings=embeddings,
+            map_model=MAP_MODEL,
         )
         listing = {key: str(path.relative_to(out)) for key, path in written.items()}
         write_json({"inputs": drawn, "figures": listing}, _inputs_path(figures))
@@ -223,6 +228,8 @@ def _reused_figures(out: Path, inputs: dict) -> dict[str, Path] | None:
     stored = json.loads(record.read_text())
     written = {key: out / path for key, path in stored["figures"].items()}
     if stored["inputs"] != inputs or not all(p.is_file() for p in written.values()):
+        return None
+    if "map" not in written:  # drawn before figures included map.html
         return None
     return written
 
@@ -384,7 +391,21 @@ def _report(configs, runs, results, figures, out: Path, seconds: dict) -> str:
             f"{result['reconstruction_mse']:.4f} |"
         )
     lines += ["", "## Figures", ""]
-    lines += [f"![{key}]({path.relative_to(out)})" for key, path in figures.items()]
+    for path in figures.values():
+        if path.suffix == ".html":  # a page to open, not an image to embed
+            page = path.relative_to(out)
+            lines += [
+                f"[{page}]({page}): interactive map of the unseen proteins in the "
+                f"embedding of the {titles[MAP_MODEL]} model. Open it in a browser "
+                "(one file, works offline); hover a protein for a crop and its "
+                "localizations, click it for its nearest proteins.",
+                "",
+            ]
+    lines += [
+        f"![{key}]({path.relative_to(out)})"
+        for key, path in figures.items()
+        if path.suffix == ".png"
+    ]
     lines += [
         "",
         "Numbers: `report.json` (all of them, also per model in `evaluation/`).",

@@ -110,6 +110,9 @@ def test_train_evaluate_embed_and_figures_from_a_run_folder(trained, tmp_path, c
     )
     names = {p.name for p in figures.glob("*.png")}
     assert {"umap.png", "reconstructions_run.png", "losses_run.png"} <= names
+    page = (figures / "map.html").read_text(encoding="utf-8")
+    assert "<title>run: proteins in the embedding</title>" in page
+    assert f"wrote {figures / 'map.html'}" in capsys.readouterr().out
 
 
 def test_training_counts_steps_and_a_rerun_says_it_restores(

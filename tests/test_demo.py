@@ -49,6 +49,11 @@ def test_demo_writes_every_figure_and_the_report(tiny_demo, tmp_path, capsys):
     text = report.read_text()
     for figure in figures:
         assert f"figures/{figure}.png" in text
+    # The interactive map is linked, not embedded as an image.
+    page = (out / "figures" / "map.html").read_text(encoding="utf-8")
+    assert "No ClassificationHead: proteins in the embedding" in page
+    assert "[figures/map.html](figures/map.html)" in text
+    assert "![map]" not in text
     results = json.loads((out / "report.json").read_text())
     assert set(results) == {"untrained", "with_head", "without_head"}
     assert "| No ClassificationHead | codebook_histogram |" in text
