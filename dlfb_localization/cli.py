@@ -81,6 +81,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         run.state, run.splits[args.split], k=args.k, out_path=out, progress=True
     )
     print(_knn_summary(result, args.split, args.k))
+    print(_probe_summary(result))
     print(f"codebook: {json.dumps(result['codebook'])}")
     print(f"wrote {out}")
 
@@ -109,6 +110,27 @@ def _knn_summary(result: dict, split: str, k: int) -> str:
             f"(chance {chance}, ceiling {ceiling})"
         )
     return "\n".join(lines)
+
+
+def _probe_summary(result: dict) -> str:
+    """The probe's macro AP and macro-F1 per embedding of `evaluate`'s result,
+    with its chance AP and what it was scored on (or why it was not)."""
+    labels = result["labels"]["probe"]
+    if labels["reason"] is not None:
+        return f"protein-level probe: undefined ({labels['reason']})"
+    scores = {name: s for name, s in result["probe"].items() if s is not None}
+    excluded = labels["excluded_classes"]
+    return (
+        f"protein-level probe ({labels['n_classes_scored']} grade 1-2 "
+        f"localizations, {labels['n_splits']}-fold"
+        + (f", {len(excluded)} too rare left out" if excluded else "")
+        + "): macro AP "
+        + ", ".join(
+            f"{n} {s['macro_average_precision']:.3f}" for n, s in scores.items()
+        )
+        + f" (chance {labels['chance_average_precision']:.3f}); macro-F1 "
+        + ", ".join(f"{n} {s['macro_f1']:.3f}" for n, s in scores.items())
+    )
 
 
 def _embed(args: argparse.Namespace) -> None:

@@ -18,7 +18,11 @@ import pandas as pd
 from flax.training.train_state import TrainState
 
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.dataset.localizations import LOCALIZATIONS_OF_INTEREST
+from dlfb_localization.dataset.localizations import (
+    GRADE_COLUMNS,
+    LOCALIZATIONS_OF_INTEREST,
+    frame_localizations,
+)
 from dlfb_localization.inference import iterate_inference_batches, map_frames
 from dlfb_localization.model.quantizer import count_codes
 from dlfb_localization.spectra import cluster_feature_spectrums, correlate_codes
@@ -40,6 +44,7 @@ __all__ = [
     "iterate_inference_batches",  # from `inference`; documented here first
     "label_tables",
     "named_embeddings",
+    "protein_localization_sets",
     "protein_localizations",
 ]
 
@@ -361,8 +366,38 @@ def protein_localizations(
     Returns:
       `[p]` string array.
     """
-    lookup = dataset_split.labels.lookup
     per_frame = dataset_split.labels.localizations(mode, restrict=restrict)
+    rows = _protein_rows(dataset_split, protein_ids)
+    return np.array([per_frame[row] for row in rows], dtype=str).reshape(len(rows))
+
+
+def protein_localization_sets(
+    dataset_split: Dataset,
+    protein_ids: np.ndarray,
+    columns: tuple[str, ...] = GRADE_COLUMNS[:2],
+) -> list[list[str]]:
+    """Every localization of each protein in the given grades, without repeats.
+
+    The multi-label counterpart of `protein_localizations`: a protein annotated
+    "er" in grade 1 and "golgi;vesicles" in grade 2 has all three.
+
+    Args:
+      dataset_split: the split the proteins belong to.
+      protein_ids: `[p]` protein ids.
+      columns: the grade columns read (default grades 1 and 2).
+
+    Returns:
+      `p` lists of names, grade 1's first; `[]` for an unannotated protein.
+    """
+    rows = _protein_rows(dataset_split, protein_ids)
+    lookup = dataset_split.labels.lookup.iloc[rows]
+    return frame_localizations(lookup, columns)
+
+
+def _protein_rows(dataset_split: Dataset, protein_ids: np.ndarray) -> list[int]:
+    """Row of each protein's first frame in the split's label table (a
+    protein's annotations are the same on all its frames)."""
+    lookup = dataset_split.labels.lookup
     first_row = dict(
         zip(*np.unique(lookup["protein_id"].to_numpy(), return_index=True), strict=True)
     )
@@ -370,9 +405,7 @@ def protein_localizations(
     missing = [int(p) for p in protein_ids if p not in first_row]
     if missing:
         raise ValueError(f"protein id(s) {missing[:5]} are not in this split")
-    return np.array(
-        [per_frame[first_row[p]] for p in protein_ids.tolist()], dtype=str
-    ).reshape(len(protein_ids))
+    return [first_row[p] for p in protein_ids.tolist()]
 
 
 def aggregate_localizations(

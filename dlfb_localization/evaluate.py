@@ -6,13 +6,17 @@ module puts numbers beside those pictures, each with a baseline next to it:
 - Localization k-NN (accuracy and macro-F1) of frame and protein embeddings,
   for the codebook-usage histograms, the mean quantized vectors and a raw-pixel
   PCA baseline, plus the majority-class rate (chance).
+- A multi-label localization probe (macro-F1 and macro average precision of a
+  cross-validated linear model) on the same protein embeddings, beside the
+  chance average precision.
 - cytoself's cluster score (Kobayashi et al. 2022) on a 2-D UMAP of each frame
   embedding.
 - Codebook health over the split (perplexity, fraction of codes used, largest
   code's share) and the reconstruction MSE.
 
 The evaluators on arrays (`scoring`: `predict_knn`, `score_knn`,
-`score_majority`, `knn_accuracy_ceiling`, `compute_cluster_score`; and
+`score_majority`, `knn_accuracy_ceiling`, `compute_cluster_score`;
+`probe`: `probe_targets`, `score_probe`; and
 `embeddings.compute_codebook_health`) know nothing of models and are
 re-exported here; `evaluate` composes them. An untrained model
 is evaluated the same way, `evaluate(fresh_state, split)`, which gives the floor
@@ -39,10 +43,17 @@ from dlfb_localization.embeddings import (
     get_frame_embeddings,
     histogram_levels,
     named_embeddings,
+    protein_localization_sets,
     protein_localizations,
 )
 from dlfb_localization.files import write_json
 from dlfb_localization.inference import map_frames, reconstruct, squared_errors
+from dlfb_localization.probe import (
+    PROBE_C,
+    PROBE_FOLDS,
+    probe_targets,
+    score_probe,
+)
 from dlfb_localization.projection import UMAP_MIN_DIST, UMAP_NEIGHBORS, project_2d
 from dlfb_localization.scoring import (
     compute_cluster_score,
@@ -64,9 +75,11 @@ __all__ = [
     "evaluate",
     "knn_accuracy_ceiling",
     "predict_knn",
+    "probe_targets",
     "reconstruct",
     "score_knn",
     "score_majority",
+    "score_probe",
 ]
 
 # Distance used for each embedding, by k-NN and by the cluster score's UMAP:
@@ -216,6 +229,18 @@ def evaluate(
     `accuracy_ceiling` (`knn_accuracy_ceiling`); on small splits it is far
     below 1.
 
+    Probe. On the same protein embeddings (each protein's mean over its
+    frames), a multi-label probe (`probe_targets`, `score_probe`): the targets
+    are all of a protein's grade-1 and grade-2 localizations, one binary target
+    each, whether or not among the nine; unannotated proteins are left out, and
+    so is a localization whose proteins (or all the others) fall within one
+    cross-validation fold. Standardized features, one L2 logistic regression
+    per localization (balanced class weights, `PROBE_C`), 5-fold
+    cross-validation over proteins (fewer folds on fewer than 10 annotated
+    proteins); macro-F1 and macro average precision of the out-of-fold
+    predictions, beside chance average precision (the localizations' mean
+    prevalence).
+
     Cluster score: `compute_cluster_score` on a seeded 2-D UMAP of all frames of
     the split for each embedding (same distance as its k-NN), over the frames
     whose predominant ("predominant") or only ("single") localization is one of
@@ -229,12 +254,13 @@ def evaluate(
         fresh one gives the untrained floor.
       dataset_split: the frames to evaluate (e.g. "valid").
       k: neighbours in k-NN votes.
-      random_state: seeds PCA's fitting sample and solver, and UMAP.
+      random_state: seeds PCA's fitting sample and solver, UMAP and the
+        probe's folds.
       batch_size: frames per device call.
       out_path: if given, the result is also written there as JSON (through a
         temporary file that is renamed into place).
       progress: show a progress bar over the stages (embeddings, PCA, k-NN,
-        one UMAP per embedding, reconstructions).
+        probe, one UMAP per embedding, reconstructions).
       frame_embeddings: `get_frame_embeddings(state, dataset_split)`, if the
         caller already has it (it is computed otherwise).
 
@@ -243,6 +269,12 @@ def evaluate(
       `labels[label_set]` (class and sample counts, accuracy ceilings),
       `knn[level][label_set][embedding]` = `{"accuracy", "macro_f1"}` (None if
       fewer than two classes) with level "frame" or "protein",
+      `labels["probe"]` (`ProbeTargets.summary`: proteins, folds, the
+      localizations scored and excluded, chance average precision and
+      macro-F1, and the `reason` when nothing can be scored),
+      `probe[embedding]` = `{"macro_f1", "macro_average_precision"}` (None
+      with that reason) for every embedding k-NN scores, including
+      "pixels_pca",
       `cluster_score[subset][embedding]` (None where undefined), `codebook`
       (`compute_codebook_health`; `codebook_global` too for a `CytoselfModel`)
       and `reconstruction_mse`.
@@ -265,9 +297,17 @@ def evaluate(
         for name, key in named_embeddings(embeddings).items()
     }
     features["pixels_pca"] = pca["features"]
-    bar.total = 4 + len(features)
+    bar.total = 5 + len(features)
     bar.set_postfix_str("k-NN")
-    knn = _score_localization_knn(dataset_split, frame_ids, features, k)
+    protein_ids, protein_features = _protein_means(dataset_split, frame_ids, features)
+    knn = _score_localization_knn(
+        dataset_split, frame_ids, features, protein_ids, protein_features, k
+    )
+    bar.update()
+    bar.set_postfix_str("probe")
+    probe_labels, probe = _score_localization_probe(
+        dataset_split, protein_ids, protein_features, random_state
+    )
     bar.update()
     clusters = _score_clusters(dataset_split, features, random_state, bar)
     bar.set_postfix_str("reconstructions")
@@ -283,11 +323,21 @@ def evaluate(
             "frame_neighbours": "leave-one-protein-out",
             "protein_neighbours": "leave-one-out",
             "labels": "predominant localization (first name of loc_grade1)",
+            "probe": {
+                "targets": "every localization in loc_grade1 and loc_grade2",
+                "model": "StandardScaler, one-vs-rest L2 logistic regression, "
+                "balanced class weights",
+                "C": PROBE_C,
+                "folds": PROBE_FOLDS,
+                "threshold": 0.5,
+            },
             "metrics": {name: _metric(name) for name in features},
             "pca_components": int(pca["features"].shape[1]),
             "umap": {"n_neighbors": UMAP_NEIGHBORS, "min_dist": UMAP_MIN_DIST},
         },
-        **knn,
+        "labels": {**knn["labels"], "probe": probe_labels},
+        "knn": knn["knn"],
+        "probe": probe,
         "cluster_score": clusters,
         **{
             f"codebook{suffix}": compute_codebook_health(embeddings[key].sum(axis=0))
@@ -300,19 +350,29 @@ def evaluate(
     return result
 
 
-def _score_localization_knn(
-    dataset_split: Dataset,
-    frame_ids: np.ndarray,
-    features: Mapping[str, np.ndarray],
-    k: int,
-) -> dict[str, dict]:
-    """`{"labels": …, "knn": …}` of `evaluate` for frames and proteins."""
-    frame_proteins = frame_protein_ids(dataset_split, frame_ids)
-    protein_features = {}
+def _protein_means(
+    dataset_split: Dataset, frame_ids: np.ndarray, features: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """`(protein_ids, {embedding: [p, d] mean over each protein's frames})`:
+    what protein-level k-NN and the probe both score."""
+    protein_ids, protein_features = np.zeros(0, np.int64), {}
     for name, values in features.items():
         protein_ids, protein_features[name] = aggregate_by_protein(
             dataset_split, frame_ids, values
         )
+    return protein_ids, protein_features
+
+
+def _score_localization_knn(
+    dataset_split: Dataset,
+    frame_ids: np.ndarray,
+    features: Mapping[str, np.ndarray],
+    protein_ids: np.ndarray,
+    protein_features: Mapping[str, np.ndarray],
+    k: int,
+) -> dict[str, dict]:
+    """`{"labels": …, "knn": …}` of `evaluate` for frames and proteins."""
+    frame_proteins = frame_protein_ids(dataset_split, frame_ids)
     labels_info: dict[str, dict] = {}
     knn: dict[str, dict] = {"frame": {}, "protein": {}}
     for label_set, (mode, restrict) in LABEL_SETS.items():
@@ -343,6 +403,25 @@ def _score_localization_knn(
             protein_features, protein_labels, protein_ids, protein_mask, k
         )
     return {"labels": labels_info, "knn": knn}
+
+
+def _score_localization_probe(
+    dataset_split: Dataset,
+    protein_ids: np.ndarray,
+    protein_features: Mapping[str, np.ndarray],
+    random_state: int,
+) -> tuple[dict, dict[str, dict[str, float] | None]]:
+    """`labels["probe"]` and `probe` of `evaluate`: the folds and targets are
+    made once, so every embedding is scored on the same ones."""
+    targets = probe_targets(
+        protein_localization_sets(dataset_split, protein_ids),
+        random_state=random_state,
+    )
+    scores = {
+        name: score_probe(values, targets, random_state=random_state)
+        for name, values in protein_features.items()
+    }
+    return targets.summary(), scores
 
 
 def _score_level(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlfb_localization.cli import main
+from dlfb_localization.cli import _probe_summary, main
 
 
 def test_prepare_builds_the_cache(tiny_release, capsys):
@@ -61,6 +61,29 @@ def trained(module_tiny_release, tmp_path_factory):
     return ["train", *absolute, "--store", str(store), *TINY_MODEL], store, exit_code
 
 
+def test_the_probe_summary_gives_chance_and_what_was_left_out():
+    result = {
+        "labels": {
+            "probe": {
+                "n_classes_scored": 2,
+                "n_splits": 5,
+                "excluded_classes": {"centrosome": 1},
+                "chance_average_precision": 0.25,
+                "reason": None,
+            }
+        },
+        "probe": {
+            "codebook_histogram": {"macro_f1": 0.5, "macro_average_precision": 0.75},
+            "pixels_pca": {"macro_f1": 0.125, "macro_average_precision": 0.375},
+        },
+    }
+    assert _probe_summary(result) == (
+        "protein-level probe (2 grade 1-2 localizations, 5-fold, 1 too rare left "
+        "out): macro AP codebook_histogram 0.750, pixels_pca 0.375 (chance 0.250); "
+        "macro-F1 codebook_histogram 0.500, pixels_pca 0.125"
+    )
+
+
 def test_train_evaluate_embed_and_figures_from_a_run_folder(trained, tmp_path, capsys):
     _, store, exit_code = trained
     assert exit_code == 0
@@ -79,6 +102,9 @@ def test_train_evaluate_embed_and_figures_from_a_run_folder(trained, tmp_path, c
     chance = result["knn"]["protein"]["all"]["majority_class"]["accuracy"]
     ceiling = result["labels"]["all"]["protein_accuracy_ceiling"]
     assert f"(chance {chance:.3f}, ceiling {ceiling:.3f})" in printed.out
+    # Six proteins are too few for the probe: it says why instead of a number.
+    reason = result["labels"]["probe"]["reason"]
+    assert f"protein-level probe: undefined ({reason})" in printed.out
     assert "evaluating: 100%" in printed.err
     assert result["knn"]["protein"]["all"]["codebook_histogram"] is not None
 

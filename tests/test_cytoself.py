@@ -294,5 +294,7 @@ def test_full_model_run_with_every_codebook_switch(tiny_release, tmp_path, monke
     result = evaluate(state, split, batch_size=16)
     protein = result["knn"]["protein"]["all"]
     assert {"global_codebook_histogram", "global_mean_quantized"} <= set(protein)
+    # The probe scores every embedding k-NN does, both levels' included.
+    assert set(result["probe"]) == set(protein) - {"majority_class"}
     assert 1 <= result["codebook_global"]["perplexity"] <= 16
     assert result["reconstruction_mse"] > 0

@@ -57,6 +57,11 @@ def test_demo_writes_every_figure_and_the_report(tiny_demo, tmp_path, capsys):
     results = json.loads((out / "report.json").read_text())
     assert set(results) == {"untrained", "with_head", "without_head"}
     assert "| No ClassificationHead | codebook_histogram |" in text
+    assert "| probe, macro-F1 | probe, macro AP | cluster score |" in text
+    assert "\nProbe: " in text
+    for result in results.values():
+        assert set(result["probe"]) >= {"codebook_histogram", "mean_quantized"}
+    assert "pixels_pca" in results["untrained"]["probe"]
     assert "These are one run's numbers (seed 42)" in text
     stages = r"data \d+ s, training \d+ s, evaluation \d+ s, figures \d+ s"
     assert re.search(rf"Run took [0-9.]+ min \({stages}\)", text)
@@ -88,3 +93,22 @@ def test_demo_writes_every_figure_and_the_report(tiny_demo, tmp_path, capsys):
             == names
         )
     assert json.loads((out / "report.json").read_text()) == results
+
+
+def test_an_evaluation_stored_before_the_probe_is_computed_again(tmp_path):
+    path = tmp_path / "model.json"
+    inputs = {"params_sha256": "0" * 64, "data": "f", "version": "v"}
+    result = {
+        "labels": {"all": {}, "probe": {}},
+        "knn": {},
+        "probe": {},
+        "cluster_score": {},
+        "codebook": {},
+    }
+    path.write_text(json.dumps(result))
+    (tmp_path / "model.json.inputs.json").write_text(json.dumps(inputs))
+    assert demo._reuse(path, inputs) == result
+    assert demo._reuse(path, {**inputs, "version": "w"}) is None
+    del result["probe"]
+    path.write_text(json.dumps(result))
+    assert demo._reuse(path, inputs) is None

@@ -1,4 +1,5 @@
-"""The evaluation numbers: k-NN, cluster score, codebook health, and `evaluate`."""
+"""The evaluation numbers: k-NN, cluster score, codebook health, and `evaluate`
+(the probe's own tests are in test_probe.py)."""
 
 import json
 
@@ -9,15 +10,19 @@ import pytest
 import tiny
 
 from dlfb_localization.dataset import Dataset
+from dlfb_localization.embeddings import aggregate_by_protein, protein_localization_sets
 from dlfb_localization.evaluate import (
     compute_cluster_score,
     compute_codebook_health,
+    compute_pixel_pca,
     evaluate,
     knn_accuracy_ceiling,
     predict_knn,
+    probe_targets,
     reconstruct,
     score_knn,
     score_majority,
+    score_probe,
 )
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.scoring import nearest_neighbours
@@ -232,6 +237,39 @@ def test_evaluate_puts_the_pixel_baseline_and_chance_beside_every_model_number(
         "frame_accuracy_ceiling": 1.0,
         "protein_accuracy_ceiling": 1.0,
     }
+
+
+def test_evaluate_probes_every_embedding_k_nn_scores_at_protein_level(evaluated):
+    split, _, result, _ = evaluated
+    knn_embeddings = set(result["knn"]["protein"]["all"]) - {"majority_class"}
+    assert set(result["probe"]) == knn_embeddings
+    # 8 proteins: four folds of two; both localizations are spread over them.
+    assert result["labels"]["probe"] == {
+        "n_proteins": 8,
+        "n_unannotated": 0,
+        "n_splits": 4,
+        "n_classes_scored": 2,
+        "classes": ["er", "nucleoplasm"],
+        "excluded_classes": {},
+        "n_positives": 8,
+        "chance_average_precision": 0.5,
+        "chance_macro_f1": pytest.approx(2 / 3),
+        "reason": None,
+    }
+    for scores in result["probe"].values():
+        assert set(scores) == {"macro_f1", "macro_average_precision"}
+        assert all(0.0 <= value <= 1.0 for value in scores.values())
+    # Scored on the same protein means as k-NN, with the same folds. (Six
+    # training proteins are too few for a linear probe on 40 standardized PCA
+    # scores, 39 of them noise: unlike k-NN, it does not find the planted
+    # localizations here; test_probe.py checks that it does given data.)
+    protein_ids, means = aggregate_by_protein(
+        split, split.labels.frame_ids, compute_pixel_pca(split)["features"]
+    )
+    targets = probe_targets(
+        protein_localization_sets(split, protein_ids), random_state=0
+    )
+    assert score_probe(means, targets) == result["probe"]["pixels_pca"]
 
 
 def test_evaluate_codebook_health_and_mse_recount_the_split(evaluated):

@@ -29,9 +29,17 @@ def split_localizations(cell: str) -> list[str]:
     return [name.strip() for name in str(cell).split(";") if name.strip()]
 
 
-def frame_localizations(lookup: pd.DataFrame) -> list[list[str]]:
-    """All localizations of each frame's protein, grade 1 first, without repeats."""
-    grades = [lookup[column].to_numpy(str) for column in GRADE_COLUMNS]
+def frame_localizations(
+    lookup: pd.DataFrame, columns: tuple[str, ...] = GRADE_COLUMNS
+) -> list[list[str]]:
+    """All localizations of each frame's protein, grade 1 first, without repeats.
+
+    Args:
+      lookup: the label table (`Labels.lookup`).
+      columns: the grades to read, in order (e.g. `GRADE_COLUMNS[:2]` for
+        grades 1 and 2 only).
+    """
+    grades = [lookup[column].to_numpy(str) for column in columns]
     result = []
     for cells in zip(*grades, strict=True):
         names: list[str] = []
