@@ -4,11 +4,13 @@
 `evaluate`'s cluster score and `calculate_projection` (the chapter's,
 re-exported by `inspect.embeddings.clustering`, which draws the result) both
 run it; `calculate_projection` runs an AlignedUMAP, with the same settings, for
-several embedding sets. UMAP is imported on first use: numba compiles it then
-(tens of seconds).
+several embedding sets. UMAP is imported on first use, and numba's compiled
+code for it is kept on disk (`umap_module`).
 """
 
+import functools
 import itertools
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -26,6 +28,36 @@ __all__ = [
 
 UMAP_NEIGHBORS = 15
 UMAP_MIN_DIST = 0.1
+
+
+@functools.cache
+def umap_module():
+    """`umap`, imported, with numba's compiled code of its functions cached on
+    disk.
+
+    numba compiles UMAP's functions again in every new process: on a CPU that
+    takes tens of seconds (a UMAP of a few hundred frames: 15 s; an AlignedUMAP:
+    22 s), most of what a small `evaluate` or `figures` costs. umap-learn does
+    not ask numba to cache them; this does, for UMAP's and pynndescent's
+    functions (numba's `Dispatcher.enable_caching`, as `cache=True` would), so
+    a later process loads them instead (0.7 s and 11 s). The cache is numba's:
+    `NUMBA_CACHE_DIR` if set, else `__pycache__` beside umap's sources or the
+    user's cache folder. numba keys an entry by its source file, its argument
+    types and the CPU, writes it through a temporary file, and compiles what
+    it cannot cache as before. Imported here, not at the module's import, to
+    keep numba off the import path.
+    """
+    import umap
+    import umap.aligned_umap  # its functions are cached too
+    from numba.core.dispatcher import Dispatcher
+
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(("umap", "pynndescent")):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, Dispatcher):
+                value.enable_caching()
+    return umap
 
 
 def project_2d(
@@ -49,7 +81,7 @@ def project_2d(
     Returns:
       `[n, 2]` coordinates, as UMAP returns them.
     """
-    import umap  # numba compiles on first use; keep it off the import path
+    umap = umap_module()
 
     reducer = umap.UMAP(
         n_components=2,
@@ -172,7 +204,7 @@ def calculate_projection(
                 f"{name_a!r} and {name_b!r} share no frame id, so there is nothing "
                 "to align them by; embed the same split with both models"
             )
-    import umap  # numba compiles on first use; keep it off the import path
+    umap = umap_module()
 
     smallest = min(len(s["frame_ids"]) for s in sets)
     reducer = umap.AlignedUMAP(
@@ -186,6 +218,9 @@ def calculate_projection(
         # AlignedUMAP builds UMAPs with n_jobs=-1 and a seed, so umap warns that
         # it runs single-threaded: that is the reproducibility asked for.
         warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        # Two of its functions cannot be cached (`umap_module`); they are
+        # compiled in each process, as without the cache.
+        warnings.filterwarnings("ignore", message="Cannot cache compiled function")
         reducer.fit(
             [np.asarray(s[feature], dtype=np.float32) for s in sets],
             relations=relations,

@@ -14,6 +14,7 @@ STORE_PATH/process_I/.
 """
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -104,9 +105,10 @@ def predict_valid(state: TrainState, splits: dict[str, Dataset]) -> dict:
     """The model's `decoded` and `logits` for all validation frames."""
     valid = splits["valid"].get_batches(None, 64, shuffle=False, drop_remainder=False)
     images = next(valid)["images"]
-    decoded, *_, logits = state.apply_fn(
-        {"params": local_params(state)}, images, is_training=False
-    )
+    # One compiled program rather than one per op: a worker process pays for
+    # every compilation.
+    apply = jax.jit(functools.partial(state.apply_fn, is_training=False))
+    decoded, *_, logits = apply({"params": local_params(state)}, images)
     return {"decoded": np.asarray(decoded), "logits": np.asarray(logits)}
 
 

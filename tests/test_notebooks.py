@@ -8,8 +8,14 @@ same `SAMPLE_DIR`, and `DLFB_ASSETS_DIR` (read by `dlfb_localization.assets` at
 call time) points the models into it, so 04 and 05 restore the models that 03
 and 04 stored instead of training them again (checked below, whenever the
 earlier notebook ran in the same pytest-xdist worker: workers share no folder).
-`JAX_COMPILATION_CACHE_DIR` lets later kernels reuse what earlier ones compiled.
 Each notebook also runs alone (e.g. `-k 05`); it then trains what it needs.
+
+The notebooks of one worker run in one Jupyter kernel, one after the other,
+each starting with `%reset -f`: its namespace is empty, as in a fresh kernel,
+so a name it forgot to define or import still fails, but the modules it
+imports, numba's compiled UMAP and JAX's compiled programs are already there
+(a fresh kernel spent 5-10 s on each). The kernels inherit the session's JAX
+and numba settings and caches (conftest.py).
 """
 
 import sys
@@ -17,7 +23,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
+from nbclient.util import run_sync
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "colab").glob("*.ipynb"))
 PARAMETERS_TAG = "parameters"
@@ -71,10 +79,6 @@ def inject_parameters(
 def kernel_environment(workdir: Path) -> dict[str, str]:
     return {
         "DLFB_ASSETS_DIR": str(workdir / "assets"),
-        "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"),
-        # Unoptimised numba: UMAP compiles in two thirds of the time, and the
-        # sample is too small for the slower code to matter.
-        "NUMBA_OPT": "0",
     }
 
 
@@ -88,6 +92,24 @@ def stored_models(workdir: Path) -> set[str]:
 def workdir(tmp_path_factory) -> Path:
     """The kernels' working folder, shared by all notebooks of this module."""
     return tmp_path_factory.mktemp("notebooks")
+
+
+@pytest.fixture(scope="module")
+def kernel(workdir):
+    """This worker's kernel (started in `workdir`), restarted if it died."""
+    manager = AsyncKernelManager(kernel_name="python3")
+
+    def alive_kernel() -> AsyncKernelManager:
+        if not run_sync(manager.is_alive)():
+            run_sync(manager.start_kernel)(cwd=str(workdir))
+        return manager
+
+    yield alive_kernel
+    if run_sync(manager.is_alive)():
+        run_sync(manager.shutdown_kernel)(now=True)
+
+
+RESET = '%reset -f\nimport matplotlib.pyplot as _plt\n\n_plt.close("all")\ndel _plt'
 
 
 def test_there_are_notebooks():
@@ -114,17 +136,18 @@ def test_a_notebook_without_parameters_cell_fails_the_precondition(tmp_path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, workdir):
+def test_notebook_runs(path, workdir, kernel):
     notebook = nbformat.read(path, as_version=4)
     injected = inject_parameters(notebook, TINY_PARAMETERS, kernel_environment(workdir))
+    notebook.cells.insert(0, nbformat.v4.new_code_cell(RESET))
+    injected += 1
     stored_before = stored_models(workdir)
-    client = NotebookClient(
-        notebook,
-        timeout=600,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(workdir)}},
-    )
-    client.execute()  # raises CellExecutionError, with the cell, on any error
+    client = NotebookClient(notebook, timeout=600, km=kernel())
+    try:
+        client.execute()  # raises CellExecutionError, with the cell, on any error
+    finally:
+        if client.kc is not None:
+            client.kc.stop_channels()
     assert notebook.cells[injected].get("outputs") == []
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
     assert any(o.get("output_type") == "display_data" for o in outputs), "no figure"
