@@ -123,6 +123,17 @@ LOCS = [
 ]
 
 
+def latest_checkpoint_meta(checkpoints: Path) -> dict:
+    """The metadata of the newest checkpoint in the folder `checkpoints`."""
+    from dlfb_localization import checkpoint
+
+    manager = checkpoint.open_manager(checkpoints)
+    try:
+        return checkpoint.read_meta(manager, manager.latest_step())
+    finally:
+        manager.close()
+
+
 def write_tiny_release(
     path: Path,
     n_proteins: int = 6,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import latest_checkpoint_meta
 
 from dlfb_localization.cli import _probe_summary, main
 
@@ -232,13 +233,7 @@ def test_a_run_is_read_back_without_initialising_and_refuses_other_data(
     resumed = runs.train_run(config, store, progress=False)  # restores, via train
     # The checkpoint records the run configuration whole (the data by its
     # fingerprint, not its path).
-    from dlfb_localization import checkpoint
-
-    manager = checkpoint.open_manager(store / "checkpoints")
-    try:
-        meta = checkpoint.read_meta(manager, manager.latest_step())
-    finally:
-        manager.close()
+    meta = latest_checkpoint_meta(store / "checkpoints")
     assert meta["config"]["settings"] == config.settings()
     assert "data" not in meta["config"]["settings"] and meta["config"]["data"]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import _train_worker as train_worker
 import numpy as np
 import pytest
-from conftest import write_tiny_release
+from conftest import latest_checkpoint_meta, write_tiny_release
 
-from dlfb_localization import checkpoint, demo, runs
+from dlfb_localization import demo, runs
 from dlfb_localization.cli import main
 from dlfb_localization.dataset.cache import open_cache
 from dlfb_localization.locks import LOCK_FILE, FolderLockedError, lock_folder
@@ -168,11 +168,7 @@ def _assert_one_consistent_run(store: Path, config: runs.RunConfig) -> None:
     and load together."""
     loaded = runs.load_run(store)
     assert loaded.config == config
-    manager = checkpoint.open_manager(store / "checkpoints")
-    try:
-        meta = checkpoint.read_meta(manager, manager.latest_step())
-    finally:
-        manager.close()
+    meta = latest_checkpoint_meta(store / "checkpoints")
     assert meta["config"]["settings"] == config.settings()
 
 
