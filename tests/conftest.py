@@ -92,17 +92,18 @@ def pytest_configure(config):
         os.environ[name.upper()] = str(value)
         jax.config.update(name, value)
 
-    # numba, for UMAP: unoptimised code compiles in about two thirds of the
-    # time, and these data are too small for it to run slower. It is kept in a
-    # cache of the session's (`projection.umap_module` caches UMAP's compiled
-    # code), so that one process compiles what the others load, and so that
-    # unoptimised code never lands in the cache that later real runs read.
-    # Both must be set before numba is imported; nothing here imports it.
+    # numba, for UMAP: its compiled code is kept in a cache of the session's
+    # (`projection.umap_module` caches UMAP's functions), so that one process
+    # compiles what the others load, and a run never depends on an earlier one.
+    # Keep numba's default optimisation: at NUMBA_OPT=0, 20 of pynndescent's
+    # functions keep "dynamic globals" and cannot be cached, so every process
+    # compiled them again (importing UMAP: 15 s instead of 2.7 s in a second
+    # process; an AlignedUMAP of 96 frames: 18.6 s instead of 7.0 s).
+    # It must be set before numba is imported; nothing here imports it.
     if "NUMBA_CACHE_DIR" not in os.environ:
         numba_cache = tempfile.mkdtemp(prefix="dlfb-numba-cache-")
         _session_cache.append(numba_cache)
         os.environ["NUMBA_CACHE_DIR"] = numba_cache
-    os.environ.setdefault("NUMBA_OPT", "0")
 
 
 def pytest_unconfigure(config):
