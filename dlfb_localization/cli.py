@@ -136,12 +136,23 @@ def _probe_summary(result: dict) -> str:
 def _embed(args: argparse.Namespace) -> None:
     from dlfb_localization.embeddings import get_frame_embeddings
     from dlfb_localization.export import export_embeddings
-    from dlfb_localization.runs import load_run
+    from dlfb_localization.runs import is_run_data, load_new_data, load_run
 
-    run = load_run(args.store, progress=True, data=args.data)
-    split = run.splits[args.split]
+    if args.data is not None and not is_run_data(args.store, args.data):
+        if args.split is not None:
+            raise ValueError(
+                f"--split chooses among the run's own splits, but {args.data} is "
+                "not the run's data: every frame of it is embedded; drop --split"
+            )
+        run = load_run(args.store, progress=True)
+        dataset = load_new_data(run, args.data, progress=True)
+        name = Path(args.data).resolve().name
+    else:
+        run = load_run(args.store, progress=True, data=args.data)
+        name = args.split or "test"
+        dataset = run.splits[name]
     paths = export_embeddings(
-        split, get_frame_embeddings(run.state, split), args.out, name=args.split
+        dataset, get_frame_embeddings(run.state, dataset), args.out, name=name
     )
     for path in paths.values():
         print(f"wrote {path}")
@@ -317,9 +328,27 @@ def build_parser() -> argparse.ArgumentParser:
         "vectors of every frame and protein) and SPLIT_frames.csv / "
         "SPLIT_proteins.csv (labels) into --out; numpy and pandas, or R, read them. "
         "SPLIT_frames.h5ad / SPLIT_proteins.h5ad hold the same as AnnData, for "
-        "scanpy.",
+        "scanpy. With --data NEW (a folder the run never saw, e.g. written by "
+        "`crop`), the files are NEW.npz, ... and hold every frame of NEW.",
     )
-    add_store(embed)
+    embed.add_argument(
+        "--store", type=Path, required=True, help="a run folder written by train"
+    )
+    embed.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a data folder to embed: every frame of it, named after the folder "
+        "(NAME.npz, ...); its crops must have the run's size and channels. The "
+        "run's own data (default) is read by --split; where it has moved, pass "
+        "its new place here",
+    )
+    embed.add_argument(
+        "--split",
+        choices=SPLIT_CHOICES,
+        default=None,
+        help="which of the run's splits, with the run's own data (default: test)",
+    )
     embed.add_argument("--out", type=Path, required=True, help="folder to write into")
     embed.set_defaults(func=_embed)
 

@@ -56,7 +56,16 @@ from dlfb_localization.train import check_arguments, train
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Run", "RunConfig", "build_splits", "create_state", "load_run", "train_run"]
+__all__ = [
+    "Run",
+    "RunConfig",
+    "build_splits",
+    "create_state",
+    "is_run_data",
+    "load_new_data",
+    "load_run",
+    "train_run",
+]
 
 
 def _chapter_model(config: "RunConfig", common: dict, splits) -> nn.Module:
@@ -530,3 +539,61 @@ def load_run(
     return Run(
         config, splits, restored.state, restored.metrics, _keys(config.seed).frames
     )
+
+
+def is_run_data(store: str | os.PathLike, data: str | os.PathLike) -> bool:
+    """Whether the folder `data` is the run's own data: the folder `config.json`
+    records, or, where that no longer exists, its new place (`load_run` then
+    checks the fingerprints). Any other folder is new data (`load_new_data`).
+    """
+    store = Path(store)
+    try:
+        recorded = _find_data(store, _read_config(store).data, None)
+    except FileNotFoundError:
+        return True
+    return os.path.samefile(recorded, data)
+
+
+def load_new_data(
+    run: Run,
+    data: str | os.PathLike,
+    progress: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> Dataset:
+    """Every frame of the data folder `data` (not the run's own), read as the
+    run's model reads frames: the same channels and cache precision.
+
+    The frames keep the folder's order (frame ids); nothing is split or
+    sampled, so `embeddings.get_frame_embeddings(run.state, dataset)` and
+    `export.export_embeddings` embed all of them. The folder's cache is built
+    once, as for any data folder (`cache_dir`, default `DATA/dlfb_cache`).
+
+    Raises:
+      FileNotFoundError: `data` is not a folder.
+      ValueError: its crops differ from the run's in size or channels (the
+        message names both).
+    """
+    if not Path(data).is_dir():
+        raise FileNotFoundError(f"data folder {data} does not exist")
+    builder = DatasetBuilder(
+        data,
+        channels=run.config.channels,
+        cache_dir=cache_dir,
+        progress=progress,
+        cache_dtype=run.config.cache_dtype,
+    )
+    dataset = builder.build(rng=0, splits={"all": 1.0})["all"]
+    expected = run.splits["train"].image_shape
+    if tuple(dataset.image_shape) != tuple(expected):
+        raise ValueError(
+            f"{data} holds crops of {_shape_text(dataset.image_shape)} but the run "
+            f"was trained on crops of {_shape_text(expected)} (channels "
+            f"{list(run.config.channels)} of {run.config.data}); the model reads "
+            "only crops of its own size and channels"
+        )
+    return dataset
+
+
+def _shape_text(shape) -> str:
+    height, width, channels = shape
+    return f"{height}x{width} pixels with {channels} channel(s)"

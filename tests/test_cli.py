@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import latest_checkpoint_meta
+from conftest import latest_checkpoint_meta, write_tiny_release
 
 from dlfb_localization.cli import _probe_summary, main
 
@@ -501,3 +501,50 @@ def test_a_damaged_latest_checkpoint_falls_back_with_a_warning_or_is_refused(
     line = _error_line(capsys)
     assert f"{run / 'checkpoints'}: no checkpoint can be read" in line
     assert f"step(s) {newest.name}, {older.name} damaged" in line
+
+
+def test_embed_writes_every_frame_of_a_folder_the_run_never_saw(trained, tmp_path):
+    import anndata
+
+    _, store, exit_code = trained
+    assert exit_code == 0
+    new = tmp_path / "new_proteins"
+    _, labels = write_tiny_release(new, n_proteins=3, frames_per_fov=2, seed=7)
+    out = tmp_path / "embeddings"
+
+    command = ["embed", "--store", str(store), "--data", str(new), "--out", str(out)]
+    assert main(command) == 0
+    arrays = np.load(out / "new_proteins.npz")
+    # Every frame of the new folder, in its order, whatever the run's splits.
+    assert arrays["frame_ids"].tolist() == list(range(len(labels)))
+    assert arrays["frame_histograms"].shape == (len(labels), 16)
+    assert (arrays["frame_histograms"].sum(axis=1) == 4 * 4).all()
+    frames = anndata.read_h5ad(out / "new_proteins_frames.h5ad")
+    proteins = anndata.read_h5ad(out / "new_proteins_proteins.h5ad")
+    assert frames.shape == (len(labels), 16)
+    assert frames.obs["name"].tolist() == labels["name"].tolist()
+    assert frames.obs["fov_id"].tolist() == labels["FOV_id"].tolist()
+    assert proteins.n_obs == 3
+    assert proteins.obs["name"].tolist() == ["GENE0", "GENE1", "GENE2"]
+    assert proteins.obs["n_frames"].tolist() == [6, 6, 6]
+    assert proteins.obsm["X_mean_quantized"].shape == (3, 8)
+
+
+def test_embed_refuses_new_data_of_another_crop_size_naming_both(
+    trained, tmp_path, capsys
+):
+    _, store, exit_code = trained
+    assert exit_code == 0
+    new = tmp_path / "bigger"
+    write_tiny_release(new, n_proteins=2, size=20)
+    out = tmp_path / "embeddings"
+    command = ["embed", "--store", str(store), "--data", str(new), "--out", str(out)]
+    capsys.readouterr()
+    assert main(command) == 1
+    error = capsys.readouterr().err
+    assert "20x20 pixels with 1 channel(s)" in error
+    assert "trained on crops of 16x16 pixels with 1 channel(s)" in error
+    # --split names one of the run's own splits, which new data does not have.
+    assert main([*command, "--split", "train"]) == 1
+    assert "drop --split" in capsys.readouterr().err
+    assert not out.exists()

@@ -222,3 +222,56 @@ def test_crop_writes_a_release_that_prepare_and_the_builder_read(tmp_path, capsy
     assert not np.allclose(images[:, :, :, 0], images[:, :, :, 1])
     # A second run refuses to overwrite the release.
     assert cli.main(argv) == 1
+
+
+@needs_real
+def test_a_run_trained_on_cropped_fields_embeds_crops_of_other_fields(tmp_path):
+    """The biologist's path: raw fields -> `crop` -> `train`, then the trained
+    model applied with `embed --data` to crops of fields it never saw."""
+    import anndata
+
+    def crop(name: str, proteins: dict[str, list[Path]]) -> Path:
+        raw_dir = tmp_path / f"raw_{name}"
+        for folder, paths in proteins.items():
+            for field, path in enumerate(paths):
+                nucleus = tifffile.imread(path)
+                protein = np.roll(nucleus, 40, axis=0)
+                _write_field(raw_dir / folder, f"f{field}_405.tif", nucleus)
+                _write_field(raw_dir / folder, f"f{field}_488.tif", protein)
+        argv = ["crop", str(raw_dir), "--out", str(tmp_path / name)]
+        argv += [
+            "--nucleus-file",
+            "{field}_405.tif",
+            "--protein-file",
+            "{field}_488.tif",
+        ]
+        assert cli.main(argv) == 0
+        return tmp_path / name
+
+    # Training splits by field of view (80/10/10): ten fields, two per protein.
+    seen = crop(
+        "seen",
+        {f"G{i}_ENSG0000000000{i}": [FIELDS[i], FIELDS[i + 1]] for i in range(5)},
+    )
+    unseen = crop("unseen", {"H5_ENSG00000000105": [FIELDS[5], FIELDS[6]]})
+    store = tmp_path / "run"
+    tiny = ["--embedding-dim", "8", "--num-embeddings", "16", "--batch-size", "8"]
+    train = ["train", "--data", str(seen), "--store", str(store), "--epochs", "1"]
+    train += ["--max-frames", "80"]
+    assert cli.main([*train, *tiny]) == 0
+
+    out = tmp_path / "embeddings"
+    assert (
+        cli.main(
+            ["embed", "--store", str(store), "--data", str(unseen), "--out", str(out)]
+        )
+        == 0
+    )
+    n_crops = pd.read_csv(unseen / "fields.csv")["n_crops"].tolist()
+    proteins = anndata.read_h5ad(out / "unseen_proteins.h5ad")
+    frames = anndata.read_h5ad(out / "unseen_frames.h5ad")
+    assert frames.shape == (sum(n_crops), 16)
+    # 100x100 crops: the 25x25 latent grid's codes, counted once each.
+    assert (frames.X.sum(axis=1) == 25 * 25).all()
+    assert proteins.obs["name"].tolist() == ["H5"]
+    assert proteins.obs["n_frames"].tolist() == [sum(n_crops)]
