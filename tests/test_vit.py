@@ -320,6 +320,23 @@ def test_resized_crop_magnifies_and_intensity_jitter_is_per_channel():
     assert np.all((factors >= 0.7) & (factors <= 1.3))
     assert np.ptp(factors[0]) > 1e-3  # channels are scaled independently
 
+    gamma = AugmentOptions(
+        d4=False, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), gain=0.0, gamma=0.5
+    )
+    contrasted = np.asarray(_augment(jax.random.key(4), positive, gamma))
+    flat, original = (
+        contrasted.reshape(4, -1, 3),
+        np.asarray(positive).reshape(4, -1, 3),
+    )
+    # A gamma curve per channel: range and pixel order kept, values moved.
+    np.testing.assert_allclose(flat.min(1), original.min(1), rtol=1e-5)
+    np.testing.assert_allclose(flat.max(1), original.max(1), rtol=1e-5)
+    for image in range(4):
+        for channel in range(3):
+            order = np.argsort(original[image, :, channel])
+            assert np.all(np.diff(flat[image, order, channel]) >= -1e-6)
+    assert np.abs(flat - original).max() > 1e-2
+
 
 # --- the P x K sampler -------------------------------------------------------------
 
@@ -416,12 +433,11 @@ def _make_step(tx):
                 method="compute_outputs",
             )
             losses = outputs.losses(labels)
-            return losses["total_loss"], (losses, outputs.mask)
+            aux = (losses, outputs.metrics(labels), outputs.mask)
+            return losses["total_loss"], aux
 
-        (_, (losses, mask)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
-        return state.apply_gradients(grads=grads), losses, mask
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(grads=grads), *aux
 
     return step
 
@@ -436,7 +452,7 @@ def test_tiny_vit_steps_lower_the_subcell_loss_and_embed(tiny_batch):
 
     history = []
     for _ in range(40):
-        state, losses, mask = step(state, images, labels, jax.random.key(1))
+        state, losses, metrics, mask = step(state, images, labels, jax.random.key(1))
         history.append({name: float(value) for name, value in losses.items()})
     assert set(history[0]) == {
         "total_loss",
@@ -447,16 +463,25 @@ def test_tiny_vit_steps_lower_the_subcell_loss_and_embed(tiny_batch):
     # Two views of 8 crops, 16 patches each, a quarter masked: 4 per view.
     assert mask.shape == (16, 16)
     np.testing.assert_array_equal(np.asarray(mask).sum(axis=1), 4)
+    # Pooling has not collapsed onto single tokens, nor embeddings onto one
+    # direction.
+    assert 0.5 < metrics["attention_entropy"] <= 1.0
+    assert metrics["embedding_spread"] > 0.05
     first = np.mean([h["total_loss"] for h in history[:5]])
     last = np.mean([h["total_loss"] for h in history[-5:]])
     assert last < 0.8 * first, (first, last)
 
-    embed = jax.jit(
-        lambda params, x: state.apply_fn(
-            {"params": params}, x, method="summarise_frames"
+    @jax.jit
+    def embed(params, x):
+        variables = {"params": params}
+        return (
+            state.apply_fn(variables, x, method="summarise_frames")["frame_vectors"],
+            state.apply_fn(variables, x, method="attention_maps"),
         )
-    )
-    vectors = embed(state.params, images)["frame_vectors"]
+
+    vectors, maps = embed(state.params, images)
+    assert maps.shape == (8, 4, 4, 2)  # the 4x4 patch grid, per pooling head
+    np.testing.assert_allclose(np.sum(maps, axis=(1, 2)), 1.0, rtol=1e-5)
     assert vectors.shape == (8, model.embedding_dim) == (8, 2 * 16)
     # Crops of the same protein end up closer than crops of different ones.
     z = np.asarray(vectors) / np.linalg.norm(vectors, axis=1, keepdims=True)
