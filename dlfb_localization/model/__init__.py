@@ -1,5 +1,5 @@
-"""The chapter's VQ-VAE (`LocalizationModel`) and cytoself's full model
-(`CytoselfModel`)."""
+"""The chapter's VQ-VAE (`LocalizationModel`), cytoself's full model
+(`CytoselfModel`) and a SubCell-style vision transformer (`ViTModel`)."""
 
 from dlfb_localization.model.codebook import CodebookOptions
 from dlfb_localization.model.cytoself import CytoselfModel, CytoselfOutputs
@@ -19,9 +19,11 @@ from dlfb_localization.model.quantizer import (
     quantize,
     straight_through,
 )
+from dlfb_localization.model.vit import VIT_SIZES, ViTModel, ViTOutputs
 from dlfb_localization.model.vqvae import LocalizationModel, ModelOutputs
 
 __all__ = [
+    "VIT_SIZES",
     "ClassificationHead",
     "CodeUsage",
     "CodebookOptions",
@@ -36,6 +38,8 @@ __all__ = [
     "Upsample",
     "VQOutput",
     "VectorQuantizer",
+    "ViTModel",
+    "ViTOutputs",
     "compute_code_usage",
     "compute_codebook_loss",
     "compute_commitment_loss",
