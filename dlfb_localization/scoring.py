@@ -103,8 +103,10 @@ def nearest_neighbours(
     Returns:
       `(rows, distances)`: `[n, min(k, n - 1)]` rows of `features`, nearest
       first, never the sample itself (another sample at distance 0 may come
-      first), and their distances in the metric's space.
+      first), and their distances in the metric (Hellinger distances lie in
+      [0, 1]).
     """
+    hellinger = metric == "hellinger"
     features, metric = to_metric_space(np.asarray(features), metric)
     if len(features) < 2:
         raise ValueError("nearest neighbours need at least two samples")
@@ -115,6 +117,8 @@ def nearest_neighbours(
     )
     # Without a query, scikit-learn leaves each fitted sample out of its own list.
     distances, rows = search.fit(features).kneighbors()
+    if hellinger:  # Euclidean between square roots is sqrt(2) x Hellinger.
+        distances = distances / np.sqrt(2.0)
     return rows.astype(np.int64), distances
 
 

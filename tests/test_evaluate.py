@@ -77,14 +77,16 @@ def test_nearest_neighbours_never_list_the_sample_itself():
     assert [sorted(r) for r in rows[2:].tolist()] == [[0, 1], [0, 1]]  # tied twins
     np.testing.assert_allclose(distances, [[0, 3], [0, 3], [3, 3], [4, 4]])
     # k is capped at the other samples; Hellinger is the distance of the
-    # square roots of the rows' distributions.
+    # square roots of the rows' distributions over sqrt 2: 1 for disjoint ones.
     histograms = np.array([[4, 0], [1, 1], [0, 9]])
     rows, distances = nearest_neighbours(histograms, k=5, metric="hellinger")
     assert rows.shape == (3, 2)
     roots = np.sqrt(histograms / histograms.sum(axis=1, keepdims=True))
     np.testing.assert_allclose(
-        distances[:, 0], np.linalg.norm(roots - roots[rows[:, 0]], axis=1)
+        distances[:, 0],
+        np.linalg.norm(roots - roots[rows[:, 0]], axis=1) / np.sqrt(2),
     )
+    np.testing.assert_allclose(distances[[0, 2], 1], [1.0, 1.0])
     with pytest.raises(ValueError, match="at least two"):
         nearest_neighbours(features[:1])
 

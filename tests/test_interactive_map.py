@@ -80,7 +80,8 @@ def _independent_knn(split, embeddings, k):
         .mean()
     )
     roots = np.sqrt(means.to_numpy() / means.to_numpy().sum(axis=1, keepdims=True))
-    distances = np.linalg.norm(roots[:, None] - roots[None], axis=-1)
+    # Hellinger: the square roots' Euclidean distance over sqrt 2.
+    distances = np.linalg.norm(roots[:, None] - roots[None], axis=-1) / np.sqrt(2)
     np.fill_diagonal(distances, np.inf)
     order = np.argsort(distances, axis=1, kind="stable")[:, :k]
     ids = means.index.to_numpy()
