@@ -2,9 +2,19 @@
 run, and the session's compilation settings: fast tests on a 2-core CPU."""
 
 import os
+import sys
+
+# Python writes the bytecode of the modules the tests import (into the venv and
+# the checkout's __pycache__), also where PYTHONDONTWRITEBYTECODE is set: the
+# README's test command installs without `--compile-bytecode` (which compiles
+# every installed module, 31 s on 2 cores), so the first process compiles what
+# the session imports and the workers, kernels and subprocesses (which inherit
+# the environment) read it, instead of each compiling jax and scipy again.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
