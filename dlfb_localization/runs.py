@@ -19,6 +19,9 @@ the data's fingerprints, stored in the checkpoint, must still match. Runs
 written before recorded the path as typed; a relative one is looked up from
 the working directory, then from the run folder's parent.
 
+The settings are `run_config.RunConfig`'s; what differs between the model
+families (module, optimizer, training batches) is `run_families.MODELS`.
+
 Randomness follows the chapter: `PRNGKey(seed)` is split into `rng_frames` (for
 figures), `rng_dataset` (splits), `rng_init` (weights) and `rng_train` (data
 order and dropout).

@@ -33,7 +33,7 @@ variable collections (`{"codebook_stats": {parameter name: averages}}`), beside
 the parameters, as `batch_stats` do in Flax's ImageNet example.
 
 Adding a family means one module under `model/` implementing these, and an
-entry in `runs.MODELS`.
+entry in `run_families.MODELS` (its module, optimizer and training batches).
 """
 
 from collections.abc import Mapping
