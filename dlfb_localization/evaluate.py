@@ -47,7 +47,12 @@ from dlfb_localization.embeddings import (
     protein_localizations,
 )
 from dlfb_localization.files import write_json
-from dlfb_localization.inference import map_frames, reconstruct, squared_errors
+from dlfb_localization.inference import (
+    can_reconstruct,
+    map_frames,
+    reconstruct,
+    squared_errors,
+)
 from dlfb_localization.probe import (
     PROBE_C,
     PROBE_FOLDS,
@@ -277,7 +282,9 @@ def evaluate(
       "pixels_pca",
       `cluster_score[subset][embedding]` (None where undefined), `codebook`
       (`compute_codebook_health`; `codebook_global` too for a `CytoselfModel`)
-      and `reconstruction_mse`.
+      and `reconstruction_mse` (None for a model that does not reconstruct
+      images, `inference.can_reconstruct`). Only the embeddings the model
+      gives are scored: a ViT's `frame_vectors`, without codebook health.
     """
     bar = tqdm(desc="evaluating", total=4, unit="stage", disable=not progress)
     bar.set_postfix_str("embeddings")
@@ -311,7 +318,9 @@ def evaluate(
     bar.update()
     clusters = _score_clusters(dataset_split, features, random_state, bar)
     bar.set_postfix_str("reconstructions")
-    mse = compute_reconstruction_mse(state, dataset_split, batch_size)
+    mse = None  # a model that does not reconstruct images (a ViT) has none
+    if can_reconstruct(state):
+        mse = compute_reconstruction_mse(state, dataset_split, batch_size)
     bar.update()
     bar.close()
     result: dict = {

@@ -20,8 +20,10 @@ import numpy as np
 from flax.training.train_state import TrainState
 
 from dlfb_localization.dataset import Dataset
+from dlfb_localization.model.interface import model_of
 
 __all__ = [
+    "can_reconstruct",
     "iterate_inference_batches",
     "map_frames",
     "reconstruct",
@@ -160,6 +162,12 @@ def _reconstruct_jit(apply_fn, params, images: jax.Array) -> jax.Array:
 def _squared_errors(apply_fn, params, images: jax.Array) -> jax.Array:
     decoded = apply_fn({"params": params}, images, method=_reconstruct)
     return jnp.sum(jnp.square(decoded - images), axis=tuple(range(1, images.ndim)))
+
+
+def can_reconstruct(state: TrainState) -> bool:
+    """Whether the state's model reconstructs images (has `reconstruct`): the
+    VQ-VAEs do; a ViT does not (its MAE decoder predicts masked patches only)."""
+    return hasattr(model_of(state), "reconstruct")
 
 
 def reconstruct(state: TrainState, images: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ is passed in: `train.train` (the VQ-VAE and cytoself) and
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -160,6 +160,7 @@ def fit(
     store_path: str | os.PathLike | None = None,
     config: Mapping[str, Any] | None = None,
     losses: Sequence[str] = ("total_loss",),
+    batches: Callable[[jax.Array], Iterable[Batch]] | None = None,
 ) -> tuple[State, History]:
     """Trains `state` epoch by epoch with `step`, optionally checkpointed.
 
@@ -207,6 +208,11 @@ def fit(
         (e.g. `checkpoint.build_run_config`); a stored run is used only if its
         configuration is the same.
       losses: metric names that must stay finite, in "train" and "valid".
+      batches: `batches(fold_in(rng_data, epoch))` -> the epoch's training
+        batches of `batch_size` frames, in place of `train_split`'s shuffled
+        ones (e.g. P proteins x K crops); a pure function of its key, as a
+        resumed run must repeat them. The progress bar still counts
+        `len(train_split) // batch_size` steps an epoch.
 
     Returns:
       `(state, metrics)`: the final state and `metrics[split][name]`, a list of
@@ -267,12 +273,14 @@ def fit(
             for epoch in range(start_epoch, num_epochs):
                 bar.set_description(f"Epoch {epoch + 1}/{num_epochs}")
                 first_step = int(state.step)
-                batches = train_split.get_batches(
-                    jax.random.fold_in(rng_data, epoch), batch_size
-                )
+                rng_epoch = jax.random.fold_in(rng_data, epoch)
+                if batches is None:
+                    epoch_batches = train_split.get_batches(rng_epoch, batch_size)
+                else:
+                    epoch_batches = batches(rng_epoch)
                 # Reads and host-to-device copies overlap with the running step.
                 sharding = parallel.batch_sharding(batch_size)
-                for batch in prefetch_to_device(batches, device=sharding):
+                for batch in prefetch_to_device(epoch_batches, device=sharding):
                     state, metrics = step(state, _model_inputs(batch))
                     history.log_step("train", metrics, weight=len(batch["labels"]))
                     bar.update()

@@ -19,22 +19,25 @@ the data's fingerprints, stored in the checkpoint, must still match. Runs
 written before recorded the path as typed; a relative one is looked up from
 the working directory, then from the run folder's parent.
 
+The settings are `run_config.RunConfig`'s; what differs between the model
+families (module, optimizer, training batches) is `run_families.MODELS`.
+
 Randomness follows the chapter: `PRNGKey(seed)` is split into `rng_frames` (for
 figures), `rng_dataset` (splits), `rng_init` (weights) and `rng_train` (data
 order and dropout).
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 from flax.training.train_state import TrainState
 
 from dlfb_localization import checkpoint
@@ -45,13 +48,9 @@ from dlfb_localization.files import write_json
 from dlfb_localization.history import History
 from dlfb_localization.locks import lock_folder
 from dlfb_localization.loop import check_epochs
-from dlfb_localization.model import LocalizationModel
-from dlfb_localization.model.codebook import LOOKUPS, CodebookOptions
-from dlfb_localization.model.cytoself import CytoselfModel
 from dlfb_localization.model.interface import ModelState
-from dlfb_localization.model.vqvae import ENCODERS
-from dlfb_localization.orientation import AUGMENT_MODES
-from dlfb_localization.settings import parse_channels, setting
+from dlfb_localization.run_config import PATHS, RunConfig
+from dlfb_localization.run_families import MODELS
 from dlfb_localization.train import check_arguments, train
 
 logger = logging.getLogger(__name__)
@@ -68,23 +67,8 @@ __all__ = [
 ]
 
 
-def _chapter_model(config: "RunConfig", common: dict, splits) -> nn.Module:
-    return LocalizationModel(**common, encoder_type=config.encoder)
-
-
-def _cytoself_model(config: "RunConfig", common: dict, splits) -> nn.Module:
-    variance = 1.0
-    if not config.standardize_inputs:
-        variance = float(np.var(_init_sample(config, splits)))
-    return CytoselfModel(
-        **common, global_splits=config.global_splits, data_variance=variance
-    )
-
-
-# The families a run can train (`RunConfig.model`): each builds its module from
-# the run's settings and the fields every family shares (see `build_model`).
-# Adding a family: its module under `model/` and an entry here.
-MODELS = {"chapter": _chapter_model, "cytoself": _cytoself_model}
+# The families a run can train (`RunConfig.model`) are `run_families.MODELS`:
+# each builds its module and optimizer from the run's settings.
 
 SPLITS = {"train": 0.80, "valid": 0.10, "test": 0.10}
 CONFIG_FILE = "config.json"
@@ -92,174 +76,6 @@ CONFIG_FILE = "config.json"
 _INIT_FRAMES = 256
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"
-# RunConfig's fields that locate files rather than decide the result.
-_PATHS = ("data", "cache_dir")
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Everything that decides a run, with the chapter's values as defaults.
-
-    Attributes:
-      data: folder with the OpenCell release (or the sample format).
-      cache_dir: where the data's cache is kept (None: `<data>/dlfb_cache`).
-      channels: image channels to train on (0 = protein).
-      cache_dtype: "float32" or "float16" (halves the cache).
-      seed: the run's seed (the chapter's 42).
-      n_proteins, max_frames: subsample proteins, then frames (None: all).
-      embedding_dim ... classification_head_layers: `LocalizationModel`'s.
-      standardize_inputs: `LocalizationModel.standardize_inputs`.
-      compute_dtype: `LocalizationModel.dtype`, "float32" or "bfloat16".
-      encoder: `LocalizationModel.encoder_type`, "residual" (the chapter's) or
-        "d4" (rotation- and flip-equivariant group convolutions).
-      model: "chapter" (`LocalizationModel`) or "cytoself" (`CytoselfModel`:
-        two levels, split quantization, two heads; `embedding_dim`,
-        `num_embeddings` and `classification_head_layers` then apply to both
-        levels, and cytoself's own values are 64, 2048 and 3).
-      global_splits: `CytoselfModel.global_splits`.
-      ema_decay, restart_dead_codes, kmeans_init, lookup: `CodebookOptions`
-        ("cosine" lookup by default; "euclidean" is the chapter's).
-      learning_rate: Adam's learning rate.
-      num_epochs, batch_size, classification_weight, eval_every: `train`'s.
-      augment: `train`'s: "none", "d4" or "rotate" (random orientations of the
-        training images).
-    """
-
-    data: str
-    cache_dir: str | None = setting(
-        None,
-        "where to keep the data's cache, e.g. when DATA is read-only",
-        unset="DATA/dlfb_cache",
-    )
-    channels: tuple[int, ...] = setting(
-        (0,),
-        "comma-separated channels: 0=protein, 1=nucleus, 2=nuclear distance, "
-        "3=nuclear segmentation",
-        parse=parse_channels,
-    )
-    cache_dtype: str = setting(
-        "float32",
-        "float16 halves the cache; batches are float32 either way",
-        choices=("float32", "float16"),
-    )
-    seed: int = setting(42, "seed of splits, weights and batches")
-    n_proteins: int | None = setting(None, "use this many random proteins", unset="all")
-    max_frames: int | None = setting(None, "use at most this many frames", unset="all")
-    embedding_dim: int = setting(64, "code length D")
-    num_embeddings: int = setting(512, "codebook size K")
-    commitment_cost: float = setting(0.25, "beta, the commitment loss's weight")
-    dropout_rate: float = setting(0.45, "dropout in the head")
-    classification_head_layers: int = setting(
-        2, "Dense layers in the head", flag="--head-layers"
-    )
-    standardize_inputs: bool = setting(
-        True,
-        "feed raw intensities, as the book does (default: standardize each image)",
-        flag="--no-standardize",
-    )
-    compute_dtype: str = setting(
-        "float32",
-        "bfloat16: mixed precision (float32 parameters) for GPU and TPU",
-        choices=("float32", "bfloat16"),
-    )
-    encoder: str = setting(
-        "residual",
-        "residual (the chapter's) or d4 (group convolutions: codes that rotate "
-        "and flip with the image, histograms that do not change)",
-        choices=ENCODERS,
-    )
-    model: str = setting(
-        "chapter",
-        "chapter (one level of codes) or cytoself (the paper's full model: local "
-        "and global codes, split quantization, a head on each level; train it on "
-        "--channels 0,1 with --num-embeddings 2048 --head-layers 3 for the "
-        "paper's sizes)",
-        choices=tuple(MODELS),
-    )
-    global_splits: int = setting(9, "cytoself: sub-vectors per global code")
-    ema_decay: float | None = setting(
-        None,
-        "learn codebooks as moving averages with this decay, e.g. 0.99",
-        unset="none: by gradient descent, as the chapter",
-    )
-    restart_dead_codes: bool = setting(
-        False, "move codes that fell out of use onto poorly described encoder outputs"
-    )
-    kmeans_init: bool = setting(
-        False, "start codebooks at k-means centroids of the untrained encoder's outputs"
-    )
-    lookup: str = setting(
-        "cosine",
-        "match encoder outputs with codes as unit vectors (cosine) or as raw "
-        "vectors (euclidean, the chapter's: its codebook loss grows during training)",
-        choices=LOOKUPS,
-    )
-    learning_rate: float = setting(1e-3, "Adam's learning rate")
-    num_epochs: int = setting(10, "passes over the training split", flag="--epochs")
-    batch_size: int = setting(256, "frames per step")
-    classification_weight: float = setting(
-        1.0, "weight of the protein-id loss; 0 trains without the head"
-    )
-    eval_every: int = setting(1, "validate every this many epochs")
-    augment: str = setting(
-        "none",
-        "give each training image a random orientation: d4 (quarter turns and "
-        "flips) or rotate (any angle, and flips)",
-        choices=AUGMENT_MODES,
-    )
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "data", str(self.data))
-        if self.cache_dir is not None:
-            object.__setattr__(self, "cache_dir", str(self.cache_dir))
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.classification_weight < 0:
-            raise ValueError(
-                f"classification_weight must be >= 0, got {self.classification_weight}"
-            )
-        if self.augment not in AUGMENT_MODES:
-            raise ValueError(
-                f"augment must be one of {AUGMENT_MODES}, got {self.augment!r}"
-            )
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
-        if self.model == "cytoself" and self.encoder != "residual":
-            raise ValueError(
-                f"encoder {self.encoder!r} exists for the chapter's model only"
-            )
-        self.codebook_options()  # validates the codebook settings
-
-    def codebook_options(self) -> CodebookOptions:
-        return CodebookOptions(
-            ema_decay=self.ema_decay,
-            restart_dead_codes=self.restart_dead_codes,
-            kmeans_init=self.kmeans_init,
-            lookup=self.lookup,
-        )
-
-    def settings(self) -> dict[str, Any]:
-        """What the checkpoint records and compares: every setting but the
-        data's and the cache's folders, which the data's fingerprint stands for
-        (so a run still resumes when its data is reached by another path)."""
-        return {k: v for k, v in self.to_json().items() if k not in _PATHS}
-
-    def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "channels": list(self.channels)}
-
-    @classmethod
-    def from_json(cls, values: dict[str, Any]) -> "RunConfig":
-        # Runs written before the cosine lookup became the default used the
-        # chapter's Euclidean one.
-        values = {"lookup": "euclidean", **values}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown run settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 class Run(NamedTuple):
@@ -326,7 +142,8 @@ def build_model(config: RunConfig, splits: dict[str, Dataset]) -> nn.Module:
         "dtype": config.compute_dtype,
         "codebook": config.codebook_options(),
     }
-    return MODELS[config.model](config, common, splits)
+    init_sample = functools.partial(_init_sample, config, splits)
+    return MODELS[config.model].build(config, common, init_sample)
 
 
 def _init_sample(config: RunConfig, splits: dict[str, Dataset]) -> np.ndarray:
@@ -341,11 +158,12 @@ def _init_sample(config: RunConfig, splits: dict[str, Dataset]) -> np.ndarray:
 
 
 def create_state(config: RunConfig, splits: dict[str, Dataset]) -> ModelState:
-    """The initial train state of the run's model and Adam optimizer."""
+    """The initial train state of the run's model and its family's optimizer
+    (`run_families.MODELS`: Adam for the VQ families, AdamW for the ViT)."""
     return build_model(config, splits).create_train_state(
         rng=_keys(config.seed).init,
         dummy_input=splits["train"].get_dummy_input(),
-        tx=optax.adam(config.learning_rate),
+        tx=MODELS[config.model].optimizer(config),
         init_images=_init_sample(config, splits) if config.kmeans_init else None,
     )
 
@@ -403,7 +221,7 @@ def train_run(
         config,
         **{
             name: _absolute(getattr(config, name))
-            for name in _PATHS
+            for name in PATHS
             if getattr(config, name) is not None
         },
     )
@@ -412,10 +230,11 @@ def train_run(
         _check_stored_config(config, store)
         splits = build_splits(config, progress=progress)
         state = create_state(config, splits)
+        plan = MODELS[config.model].train_batches(config, splits["train"])
         check_arguments(
             splits,
             config.num_epochs,
-            config.batch_size,
+            plan.batch_size,
             config.eval_every,
             config.augment,
         )
@@ -425,12 +244,13 @@ def train_run(
             rng=_keys(config.seed).train,
             dataset_splits=splits,
             num_epochs=config.num_epochs,
-            batch_size=config.batch_size,
+            batch_size=plan.batch_size,
             classification_weight=config.classification_weight,
             eval_every=config.eval_every,
             store_path=store / CHECKPOINTS,
             augment=config.augment,
             settings=config.settings(),
+            batches=plan.batches,
         )
         write_json(metrics, store / METRICS_FILE)
     return Run(config, splits, state, metrics, _keys(config.seed).frames)

@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any
 
-__all__ = ["add_flags", "from_flags", "parse_channels", "setting"]
+__all__ = ["add_flags", "applies", "from_flags", "parse_channels", "setting"]
 
 
 def parse_channels(text: str) -> tuple[int, ...]:
@@ -39,6 +39,7 @@ def setting(
     choices: tuple | None = None,
     parse: Any = None,
     unset: str = "none",
+    families: tuple[str, ...] | None = None,
 ) -> Any:
     """A dataclass field with its command-line description.
 
@@ -52,6 +53,9 @@ def setting(
       parse: the function that reads the flag's text (default: the type of the
         field's annotation, e.g. int or float).
       unset: how the help names a None default (e.g. "all").
+      families: the model families the setting applies to (None: all); a
+        configuration records it only for those (`applies`), so that a
+        setting added for one family leaves the others' records unchanged.
     """
     return dataclasses.field(
         default=default,
@@ -61,8 +65,15 @@ def setting(
             "choices": choices,
             "parse": parse,
             "unset": unset,
+            "families": families,
         },
     )
+
+
+def applies(field: dataclasses.Field, family: str) -> bool:
+    """Whether the setting `field` applies to the model family `family`."""
+    families = field.metadata.get("families")
+    return families is None or family in families
 
 
 def _parser_of(field: dataclasses.Field) -> Any:

@@ -1,11 +1,12 @@
-"""Training of the VQ families: one loss function, the jitted steps, and `train`,
-which runs them through the shared epoch loop (`loop.fit`)."""
+"""Training of the model families (`model.interface`): one loss function, the
+jitted steps, and `train`, which runs them through the shared epoch loop
+(`loop.fit`)."""
 
 import functools
 import os
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -29,7 +30,12 @@ from dlfb_localization.loop import (
     check_epochs,
     fit,
 )
-from dlfb_localization.model.interface import FamilyOutputs, model_of, usage_metrics
+from dlfb_localization.model.interface import (
+    AUGMENT_STREAM,
+    FamilyOutputs,
+    model_of,
+    usage_metrics,
+)
 from dlfb_localization.orientation import AUGMENT_MODES, random_orientation
 
 __all__ = [
@@ -155,6 +161,18 @@ def _split_microbatches(batch: Batch, microbatches: int) -> list[Batch]:
 # Folded into the step's key for the augmentation, a stream apart from dropout's
 # (whose keys stay what they were without augmentation).
 _AUGMENT_STREAM = 1_000_003
+# Folded into the step's (or pass's) key for the model's own `AUGMENT_STREAM`
+# (a ViT's views and masks): apart from dropout's and the orientation's keys,
+# which stay what they were before models drew from it.
+_VIEW_STREAM = 1_000_033
+# The model's `AUGMENT_STREAM` key at evaluation: fixed, so that validation
+# losses of masked or augmented objectives compare across epochs and runs.
+_EVAL_SEED = 0
+
+
+def _training_rngs(rng: jax.Array) -> dict[str, jax.Array]:
+    """The rng streams of one training pass (`model.interface`)."""
+    return {"dropout": rng, AUGMENT_STREAM: jax.random.fold_in(rng, _VIEW_STREAM)}
 
 
 @functools.partial(
@@ -176,14 +194,17 @@ def train_step(
 
     With `microbatches=m > 1` the batch is processed in `m` equal passes whose
     gradients are averaged before the one update: the same objective as one
-    pass (every loss is a mean over equal-sized parts), in less memory. Metrics
+    pass (every loss is a mean over equal-sized parts: only for a model whose
+    `independent_samples` is true), in less memory. Metrics
     are those of the whole batch (code usage is counted over all passes).
     `train` picks `default_microbatches`.
 
     With `augment="d4"` or `"rotate"` every image of the batch is first given
     its own random orientation (`invariance.random_orientation`), on the
     device, with keys from `fold_in(fold_in(rng_dropout, state.step),
-    1_000_003)`: reproducible, and different at every step.
+    1_000_003)`: reproducible, and different at every step. A model's own
+    views and masks (`model.interface.AUGMENT_STREAM`) draw from
+    `fold_in(fold_in(rng_dropout, state.step), 1_000_033)`.
 
     Args:
       state: `TrainState` of a `LocalizationModel` or `CytoselfModel`.
@@ -210,7 +231,7 @@ def train_step(
     grad_fn = jax.value_and_grad(_compute_objective, has_aux=True)
     if microbatches == 1:
         (_, (metrics, codes)), grads = grad_fn(
-            state.params, state, batch, classification_weight, True, {"dropout": rng}
+            state.params, state, batch, classification_weight, True, _training_rngs(rng)
         )
     else:
         grads, metrics, codes = _accumulate_passes(
@@ -238,7 +259,7 @@ def _accumulate_passes(grad_fn, state, batch, classification_weight, rng, passes
             # Finish pass i - 1 before pass i starts, or XLA schedules the
             # forward passes side by side and the memory saving is lost.
             grads, part = jax.lax.optimization_barrier((grads, part))
-        rngs = {"dropout": jax.random.fold_in(rng, i)}
+        rngs = _training_rngs(jax.random.fold_in(rng, i))
         (_, (part_metrics, part_codes)), part_grads = grad_fn(
             state.params, state, part, classification_weight, True, rngs
         )
@@ -263,6 +284,8 @@ def eval_step(
     state: TrainState, batch: Batch, classification_weight: float | jax.Array
 ) -> dict[str, jax.Array]:
     """Losses and metrics without dropout or update (same names as training).
+    A model's masks (`AUGMENT_STREAM`) come from one fixed key, the same at
+    every call.
 
     Args:
       state: `TrainState` of a `LocalizationModel` or `CytoselfModel`.
@@ -272,16 +295,20 @@ def eval_step(
     Returns:
       The scalars of `compute_losses` and `compute_metrics`.
     """
+    rngs = {AUGMENT_STREAM: jax.random.PRNGKey(_EVAL_SEED)}
     _, (metrics, _) = _compute_objective(
-        state.params, state, batch, classification_weight, False, None
+        state.params, state, batch, classification_weight, False, rngs
     )
     return metrics
 
 
 def _check_classes(state: TrainState, dataset_splits: dict[str, Dataset]) -> None:
     # An out-of-range label makes the cross-entropy NaN, which would surface
-    # only as a non-finite loss at the end of the first epoch.
-    num_classes = model_of(state).num_classes
+    # only as a non-finite loss at the end of the first epoch. A model without
+    # a classification head reads labels only as groups (contrastive positives).
+    num_classes = getattr(model_of(state), "num_classes", None)
+    if num_classes is None:
+        return
     for name in ("train", "valid"):
         codes = dataset_splits[name].labels.codes
         if codes.size and int(codes.max()) >= num_classes:
@@ -356,14 +383,18 @@ def train(
     augment: str = "none",
     *,
     settings: Mapping[str, Any] | None = None,
+    batches: Callable[[jax.Array], Iterable[Batch]] | None = None,
 ) -> tuple[TrainState, History]:
-    """Trains the VQ-VAE, optionally with the protein-id head, epoch by epoch.
+    """Trains a model family (`model.interface`) epoch by epoch: a VQ-VAE,
+    optionally with its protein-id head, or a ViT.
 
     Randomness comes from two keys split once from `rng`: `rng_data`, whose
     `fold_in(rng_data, epoch)` orders the training batches of that epoch (the
     dataset seeds a NumPy generator from it), and `rng_dropout`, which
     `train_step` folds with the step number. Both depend only on the epoch and
     step, so a resumed run repeats the randomness of an uninterrupted one.
+    A batch is split into `default_microbatches` passes only for a model
+    whose `independent_samples` is true; others train in one pass.
 
     The "valid" split is evaluated after epochs with `epoch % eval_every == 0`
     and after the last epoch, in order and without dropping frames.
@@ -390,6 +421,9 @@ def train(
       settings: with `store_path`, the caller's own description of the run
         (JSON-ready), stored in the checkpoint and compared whole on a rerun:
         `runs.train_run` passes its `RunConfig`.
+      batches: `batches(fold_in(rng_data, epoch))` -> that epoch's training
+        batches of `batch_size` frames (e.g. P proteins x K crops,
+        `dataset.protein_batches`), or None for the split's shuffled batches.
 
     Returns:
       `(state, metrics)`: the final state and `metrics[split][name]`, a list of
@@ -413,7 +447,9 @@ def train(
     state = parallel.place_state(state)
     rng_data, rng_dropout = jax.random.split(rng)
     weight = jnp.float32(classification_weight)
-    microbatches = default_microbatches(batch_size, parallel.n_devices)
+    microbatches = 1
+    if getattr(model_of(state), "independent_samples", True):
+        microbatches = default_microbatches(batch_size, parallel.n_devices)
     config = None
     if store_path is not None:
         config = checkpoint.build_run_config(
@@ -449,4 +485,5 @@ def train(
         on_epoch=_watch_health,
         store_path=store_path,
         config=config,
+        batches=batches,
     )

@@ -226,6 +226,7 @@ def test_a_run_is_read_back_without_initialising_and_refuses_other_data(
 
     from dlfb_localization import runs
     from dlfb_localization.checkpoint import ConfigMismatchError
+    from dlfb_localization.model import LocalizationModel
 
     _, store, exit_code = trained
     assert exit_code == 0
@@ -239,14 +240,14 @@ def test_a_run_is_read_back_without_initialising_and_refuses_other_data(
 
     # Only shapes are computed: the model is initialised on tracers, never on
     # values.
-    create = runs.LocalizationModel.create_train_state
+    create = LocalizationModel.create_train_state
 
     def shapes_only(self, rng, *args, **kwargs):
         assert isinstance(rng, jax.core.Tracer), "load_run initialised a model"
         return create(self, rng, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(runs.LocalizationModel, "create_train_state", shapes_only)
+        patch.setattr(LocalizationModel, "create_train_state", shapes_only)
         loaded = runs.load_run(store)
     assert loaded.state.model == resumed.state.model
     assert int(loaded.state.step) == int(resumed.state.step) > 0

@@ -17,18 +17,27 @@ families share) with:
   model with one level, whose metrics carry no suffix);
 - `update_collections(params, collections, codes, rng)`: the non-gradient
   updates made after each optimizer step (EMA codebooks, dead-code restarts),
-  returning `(params, collections)`; the identity for a model without any.
+  returning `(params, collections)`; the identity for a model without any;
+- `independent_samples`: whether its loss is a mean of per-frame terms, so
+  that a batch may be split into passes whose gradients are averaged
+  (`train.default_microbatches`). A contrastive loss compares the frames of
+  a batch with each other: such a family says False and trains in one pass.
+
+`compute_outputs` draws its randomness from two rng streams: "dropout"
+(training only) and `AUGMENT_STREAM` (views and masks made inside the step).
+The train step gives it both, from the step's key; evaluation gives it a fixed
+`AUGMENT_STREAM` key, so validation losses are comparable across epochs.
 
 Non-gradient state lives in `ModelState.collections`, named like Flax's
 variable collections (`{"codebook_stats": {parameter name: averages}}`), beside
 the parameters, as `batch_stats` do in Flax's ImageNet example.
 
 Adding a family means one module under `model/` implementing these, and an
-entry in `runs.MODELS`.
+entry in `run_families.MODELS` (its module, optimizer and training batches).
 """
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import flax.linen as nn
 import jax
@@ -40,6 +49,7 @@ from flax.training.train_state import TrainState
 from dlfb_localization.model.quantizer import CodeUsage, VQOutput, compute_code_usage
 
 __all__ = [
+    "AUGMENT_STREAM",
     "FamilyOutputs",
     "ModelState",
     "cross_entropy",
@@ -48,6 +58,10 @@ __all__ = [
     "new_train_state",
     "usage_metrics",
 ]
+
+
+# The rng stream of views and masks made inside a step (see the module's text).
+AUGMENT_STREAM: Final = "augment"
 
 
 class ModelState(TrainState):

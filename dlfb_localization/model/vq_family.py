@@ -7,7 +7,7 @@ methods: the modules supply `standardize_inputs`, `codebook` and
 """
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -114,6 +114,9 @@ class VQFamily:
     non-gradient updates (see `model.interface`). A mixin of plain methods;
     the module supplies `standardize_inputs`, `codebook` and `codebook_levels`.
     """
+
+    # Every loss is a mean over frames: a batch may be split into passes.
+    independent_samples: ClassVar[bool] = True
 
     def prepare_inputs(self, x: jax.Array) -> jax.Array:
         """The images as the encoder sees them and the decoder reconstructs them."""

@@ -28,7 +28,11 @@ from dlfb_localization.model.contrastive import (
     augment_views,
     combine_objectives,
 )
-from dlfb_localization.model.interface import ModelState, new_train_state
+from dlfb_localization.model.interface import (
+    AUGMENT_STREAM,
+    ModelState,
+    new_train_state,
+)
 from dlfb_localization.model.vit.layers import (
     TransformerSize,
     ViTEncoder,
@@ -52,9 +56,6 @@ __all__ = [
     "ViTOutputs",
     "ViTSize",
 ]
-
-# The rng stream of the views' augmentation and of the masks.
-AUGMENT_STREAM: Final = "augment"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +233,10 @@ class ViTModel(nn.Module):
     standardize_inputs: bool = True
     dtype: Any = jnp.float32
 
-    # No codebooks (`model.interface`).
+    # No codebooks; contrastive losses compare a batch's crops with each other,
+    # so a batch is never split into passes (`model.interface`).
     codebook_levels: ClassVar[dict[str, str]] = {}
+    independent_samples: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.patch_size < 1:

@@ -1,0 +1,145 @@
+"""The model families a run can train (`runs.RunConfig.model`), each built
+from a run's settings: its module, its optimizer and its training batches.
+
+The VQ-VAE families (the chapter's `LocalizationModel` and `CytoselfModel`)
+train with Adam on the split's shuffled batches, as the chapter does. The
+ViT trains as SubCell does: AdamW (betas 0.9 and 0.95, weight decay 0.05,
+learning rate 1e-4) and, when its objective has the protein-specific
+(supervised contrastive) task, batches of P proteins x K crops, so that every
+batch holds positives. The run's code (`runs`, `train`) asks this table, never
+which family it holds.
+
+Adding a family: its module under `model/` (`model.interface`) and an entry
+in `MODELS`.
+"""
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from dlfb_localization.dataset import Dataset
+from dlfb_localization.dataset.protein_batches import (
+    iterate_protein_batches,
+    plan_protein_batches,
+)
+from dlfb_localization.model import LocalizationModel
+from dlfb_localization.model.contrastive import OBJECTIVES
+from dlfb_localization.model.cytoself import CytoselfModel
+from dlfb_localization.model.vit import VIT_SIZES, ViTModel
+
+__all__ = ["MODELS", "VQ_FAMILIES", "Family", "TrainBatches"]
+
+# `RunConfig` is passed in as `config` (it imports this module).
+Config = Any
+
+
+class TrainBatches(NamedTuple):
+    """How a run's training batches are drawn.
+
+    Attributes:
+      batch_size: frames per step.
+      batches: `batches(key)` -> one epoch's batches (`train.train`'s
+        `batches`), or None for the split's shuffled batches.
+    """
+
+    batch_size: int
+    batches: Callable[[jax.Array], Iterable[dict]] | None
+
+
+class Family(NamedTuple):
+    """What a run needs to train one model family.
+
+    Attributes:
+      build: `build(config, common, init_sample)` -> the module; `common` holds
+        the settings every VQ family shares (`runs.build_model`),
+        `init_sample()` a seeded sample of training frames.
+      optimizer: `optimizer(config)` -> the optax transformation.
+      learning_rate: the learning rate a run gets when it names none.
+      train_batches: `train_batches(config, train_split)` -> `TrainBatches`;
+        raises ValueError if the split cannot give them.
+    """
+
+    build: Callable[[Config, dict, Callable[[], np.ndarray]], nn.Module]
+    optimizer: Callable[[Config], optax.GradientTransformation]
+    learning_rate: float
+    train_batches: Callable[[Config, Dataset], TrainBatches]
+
+
+def _chapter_model(config: Config, common: dict, init_sample) -> nn.Module:
+    return LocalizationModel(**common, encoder_type=config.encoder)
+
+
+def _cytoself_model(config: Config, common: dict, init_sample) -> nn.Module:
+    variance = 1.0
+    if not config.standardize_inputs:
+        variance = float(np.var(init_sample()))
+    return CytoselfModel(
+        **common, global_splits=config.global_splits, data_variance=variance
+    )
+
+
+def _vit_model(config: Config, common: dict, init_sample) -> nn.Module:
+    return ViTModel(
+        size=VIT_SIZES[config.vit_size],
+        patch_size=config.patch_size,
+        objective=OBJECTIVES[config.objective],
+        standardize_inputs=config.standardize_inputs,
+        dtype=config.compute_dtype,
+    )
+
+
+def _adam(config: Config) -> optax.GradientTransformation:
+    return optax.adam(config.learning_rate)
+
+
+def _adamw(config: Config) -> optax.GradientTransformation:
+    # SubCell's betas; its warm-up and decay are not (yet) used here.
+    return optax.adamw(
+        config.learning_rate, b1=0.9, b2=0.95, weight_decay=config.weight_decay
+    )
+
+
+def _shuffled_batches(config: Config, train_split: Dataset) -> TrainBatches:
+    return TrainBatches(config.batch_size, None)
+
+
+def _vit_batches(config: Config, train_split: Dataset) -> TrainBatches:
+    """P x K batches (`dataset.protein_batches`) when the objective's
+    supervised contrastive task is on (its positives share a protein), else
+    the split's shuffled batches. Checked on the split before training: a
+    split that cannot give one batch is refused here, not after the first
+    checkpoint's configuration is written."""
+    if OBJECTIVES[config.objective].supcon_weight == 0:
+        return _shuffled_batches(config, train_split)
+    p, k = config.proteins_per_batch, config.crops_per_protein
+    lookup = train_split.labels.lookup
+    plan = plan_protein_batches(
+        lookup["protein_id"].to_numpy(),
+        lookup["fov_id"].to_numpy() if "fov_id" in lookup else np.arange(len(lookup)),
+        p,
+        k,
+        0,
+    )
+    if not len(plan):
+        raise ValueError(
+            f"the train split gives no batch of {p} proteins x {k} crops; lower "
+            "--proteins-per-batch or --crops-per-protein"
+        )
+    return TrainBatches(
+        p * k, functools.partial(iterate_protein_batches, train_split, p, k)
+    )
+
+
+# The families a run can train (`RunConfig.model`).
+MODELS: dict[str, Family] = {
+    "chapter": Family(_chapter_model, _adam, 1e-3, _shuffled_batches),
+    "cytoself": Family(_cytoself_model, _adam, 1e-3, _shuffled_batches),
+    "vit": Family(_vit_model, _adamw, 1e-4, _vit_batches),
+}
+# The families whose settings are the VQ-VAE's (codebook, head, encoder).
+VQ_FAMILIES = ("chapter", "cytoself")

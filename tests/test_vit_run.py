@@ -1,0 +1,142 @@
+"""A ViT run's life: trained from the command line, checkpointed, resumed,
+refused under other settings, embedded and evaluated, as the VQ families."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from dlfb_localization import evaluate as evaluate_module
+from dlfb_localization import loop
+from dlfb_localization.checkpoint import ConfigMismatchError
+from dlfb_localization.cli import main
+from dlfb_localization.embeddings import get_frame_embeddings
+from dlfb_localization.evaluate import evaluate
+from dlfb_localization.runs import RunConfig, load_run, train_run
+
+# 16x16 crops in 4x4 patches; P x K = 2 x 4 crops a batch.
+TINY_VIT = {
+    "model": "vit",
+    "objective": "subcell",
+    "vit_size": "tiny",
+    "patch_size": 4,
+    "proteins_per_batch": 2,
+    "crops_per_protein": 4,
+    "seed": 0,
+}
+EPOCHS = 2
+
+
+def _flags(settings: dict) -> list[str]:
+    return [
+        part
+        for name, value in settings.items()
+        for part in ("--" + name.replace("_", "-"), str(value))
+    ]
+
+
+@pytest.fixture(scope="module")
+def vit_run(module_tiny_release, tmp_path_factory):
+    """A tiny ViT run trained by `dlfb-localization train`, read back:
+    (its RunConfig, run folder, `load_run`'s Run)."""
+    path, _, _ = module_tiny_release
+    store = tmp_path_factory.mktemp("vit") / "run"
+    data = ["--data", str(path), "--cache-dir", str(path.parent / "cache")]
+    command = ["train", *data, "--store", str(store), *_flags(TINY_VIT)]
+    assert main([*command, "--epochs", str(EPOCHS)]) == 0
+    config = RunConfig(
+        data=str(path),
+        cache_dir=str(path.parent / "cache"),
+        num_epochs=EPOCHS,
+        **TINY_VIT,
+    )
+    return config, store, load_run(store)
+
+
+def _assert_same_tree(a, b) -> None:
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_vit_run_records_its_own_settings_and_the_vit_optimizer(vit_run):
+    config, _, run = vit_run
+    assert run.config.settings() == config.settings()
+    recorded = config.to_json()
+    # The ViT's settings, and not the codebook's or the head's.
+    assert recorded["objective"] == "subcell" and recorded["patch_size"] == 4
+    assert "num_embeddings" not in recorded and "lookup" not in recorded
+    assert config.learning_rate == 1e-4  # SubCell's AdamW
+    # Two epochs of P x K batches went by, with the losses of all three tasks.
+    history = run.metrics["train"]
+    assert [r["epoch"] for r in history["total_loss"]] == list(range(EPOCHS))
+    assert {"recon_loss", "nt_xent_loss", "supcon_loss"} <= set(history)
+    assert np.isfinite(history["total_loss"][-1]["mean"])
+    assert int(run.state.step) > 0
+    # SubCell's AdamW (its chain has a weight-decay stage Adam's lacks).
+    adamw = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
+    structure = jax.tree.structure(adamw.init(run.state.params))
+    assert jax.tree.structure(run.state.opt_state) == structure
+    adam = jax.tree.structure(optax.adam(1e-4).init(run.state.params))
+    assert adam != structure
+
+
+def test_the_vq_families_record_nothing_of_the_vit():
+    chapter = RunConfig(data="data").to_json()
+    assert not {"objective", "vit_size", "patch_size", "weight_decay"} & set(chapter)
+    assert chapter["learning_rate"] == 1e-3
+    # A record written before the ViT existed reads back as the same run.
+    assert RunConfig.from_json(chapter) == RunConfig(data="data")
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_stopped_vit_run_resumes_to_the_identical_result(
+    vit_run, tmp_path, monkeypatch
+):
+    config, _, reference = vit_run
+    save_epoch = loop.checkpoint.save_epoch
+
+    def save_then_stop(manager, state, epoch, *args, **kwargs):
+        save_epoch(manager, state, epoch, *args, **kwargs)
+        if epoch == 0:
+            raise _Stop
+
+    monkeypatch.setattr(loop.checkpoint, "save_epoch", save_then_stop)
+    with pytest.raises(_Stop):
+        train_run(config, tmp_path / "run", progress=False)
+    monkeypatch.setattr(loop.checkpoint, "save_epoch", save_epoch)
+    resumed = train_run(config, tmp_path / "run", progress=False)
+    assert int(resumed.state.step) == int(reference.state.step)
+    _assert_same_tree(resumed.state.params, reference.state.params)  # bitwise
+    _assert_same_tree(resumed.state.opt_state, reference.state.opt_state)
+    assert resumed.metrics == reference.metrics
+
+
+def test_a_changed_objective_is_refused_by_name(vit_run):
+    config, store, _ = vit_run
+    other = dataclasses.replace(config, objective="mae")
+    with pytest.raises(ConfigMismatchError, match="objective: stored 'subcell'"):
+        train_run(other, store, progress=False)
+
+
+def test_a_vit_run_embeds_and_evaluates_without_codebooks(vit_run, monkeypatch):
+    _, _, run = vit_run
+    monkeypatch.setattr(evaluate_module, "_UMAP_MIN_FRAMES", 10**6)  # no UMAP
+    split = run.splits["train"]  # six proteins: k-NN and the probe have classes
+    embeddings = get_frame_embeddings(run.state, split, batch_size=8)
+    width = run.state.model.embedding_dim
+    assert width == 2 * 64  # two pooling heads of the tiny ViT's width
+    assert embeddings["frame_vectors"].shape == (len(split), width)
+    assert not any(key.startswith("frame_histograms") for key in embeddings)
+    result = evaluate(run.state, split, k=1, frame_embeddings=embeddings)
+    knn = result["knn"]["protein"]["all"]["mean_quantized"]
+    assert 0 <= knn["accuracy"] <= 1
+    assert set(result["probe"]) == {"mean_quantized", "pixels_pca"}
+    assert "codebook" not in result and result["reconstruction_mse"] is None
