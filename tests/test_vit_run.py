@@ -37,12 +37,9 @@ def _flags(settings: dict) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def vit_run(module_tiny_release, tmp_path_factory):
+def _train_vit(path, store):
     """A tiny ViT run trained by `dlfb-localization train`, read back:
-    (its RunConfig, run folder, `load_run`'s Run)."""
-    path, _, _ = module_tiny_release
-    store = tmp_path_factory.mktemp("vit") / "run"
+    (its RunConfig, `load_run`'s Run)."""
     data = ["--data", str(path), "--cache-dir", str(path.parent / "cache")]
     command = ["train", *data, "--store", str(store), *_flags(TINY_VIT)]
     assert main([*command, "--epochs", str(EPOCHS)]) == 0
@@ -52,7 +49,7 @@ def vit_run(module_tiny_release, tmp_path_factory):
         num_epochs=EPOCHS,
         **TINY_VIT,
     )
-    return config, store, load_run(store)
+    return config, load_run(store)
 
 
 def _assert_same_tree(a, b) -> None:
@@ -63,8 +60,20 @@ def _assert_same_tree(a, b) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_a_vit_run_records_its_own_settings_and_the_vit_optimizer(vit_run):
-    config, _, run = vit_run
+def test_a_vit_run_trains_resumes_refuses_other_settings_and_embeds(
+    module_tiny_release, tmp_path, monkeypatch
+):
+    """One test, so that its tiny run is trained once (a module fixture is
+    built again in each xdist worker that runs one of the module's tests)."""
+    store = tmp_path / "run"
+    config, run = _train_vit(module_tiny_release[0], store)
+    _check_settings_and_optimizer(config, run)
+    _check_resume(config, run, tmp_path / "stopped", monkeypatch)
+    _check_refusal(config, store)
+    _check_embedding_and_evaluation(run, monkeypatch)
+
+
+def _check_settings_and_optimizer(config, run):
     assert run.config.settings() == config.settings()
     recorded = config.to_json()
     # The ViT's settings, and not the codebook's or the head's.
@@ -97,10 +106,8 @@ class _Stop(Exception):
     pass
 
 
-def test_a_stopped_vit_run_resumes_to_the_identical_result(
-    vit_run, tmp_path, monkeypatch
-):
-    config, _, reference = vit_run
+def _check_resume(config, reference, store, monkeypatch):
+    """Stopped after epoch 1 and resumed: bitwise the uninterrupted run."""
     save_epoch = loop.checkpoint.save_epoch
 
     def save_then_stop(manager, state, epoch, *args, **kwargs):
@@ -110,24 +117,23 @@ def test_a_stopped_vit_run_resumes_to_the_identical_result(
 
     monkeypatch.setattr(loop.checkpoint, "save_epoch", save_then_stop)
     with pytest.raises(_Stop):
-        train_run(config, tmp_path / "run", progress=False)
+        train_run(config, store, progress=False)
     monkeypatch.setattr(loop.checkpoint, "save_epoch", save_epoch)
-    resumed = train_run(config, tmp_path / "run", progress=False)
+    resumed = train_run(config, store, progress=False)
     assert int(resumed.state.step) == int(reference.state.step)
     _assert_same_tree(resumed.state.params, reference.state.params)  # bitwise
     _assert_same_tree(resumed.state.opt_state, reference.state.opt_state)
     assert resumed.metrics == reference.metrics
 
 
-def test_a_changed_objective_is_refused_by_name(vit_run):
-    config, store, _ = vit_run
+def _check_refusal(config, store):
     other = dataclasses.replace(config, objective="mae")
     with pytest.raises(ConfigMismatchError, match="objective: stored 'subcell'"):
         train_run(other, store, progress=False)
 
 
-def test_a_vit_run_embeds_and_evaluates_without_codebooks(vit_run, monkeypatch):
-    _, _, run = vit_run
+def _check_embedding_and_evaluation(run, monkeypatch):
+    """Embeds (pooled vectors, no codebook) and evaluates without codebooks."""
     monkeypatch.setattr(evaluate_module, "_UMAP_MIN_FRAMES", 10**6)  # no UMAP
     split = run.splits["train"]  # six proteins: k-NN and the probe have classes
     embeddings = get_frame_embeddings(run.state, split, batch_size=8)
