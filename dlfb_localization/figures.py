@@ -2,7 +2,7 @@
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -13,17 +13,18 @@ from matplotlib.figure import Figure
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.embeddings import (
+    EMBEDDING_KINDS,
     aggregate_by_protein,
     aggregate_localizations,
     aggregate_proteins,
     cluster_feature_spectrums,
-    embedding_metric,
     get_frame_embeddings,
     histogram_levels,
     label_tables,
 )
 from dlfb_localization.files import replace_when_written
 from dlfb_localization.history import History
+from dlfb_localization.inference import can_reconstruct
 from dlfb_localization.inspect.codebook import plot_codebook_usage
 from dlfb_localization.inspect.embeddings.clustering import (
     Projection,
@@ -89,6 +90,21 @@ def _save_spectra(
         save(f"feature_spectra_{name}", fig)
 
 
+_FEATURE_TEXT = {
+    "frame_histograms": "codebook histogram",
+    "frame_vectors": "embedding vector",
+}
+
+
+def projected_feature(frame_embeddings: Sequence[Mapping[str, np.ndarray]]) -> str:
+    """What `umap.png` and `map.html` place frames by: the codebook histograms
+    (the chapter's) where every model has them, else the embedding vectors
+    (mean quantized vectors, or a ViT's pooled embedding)."""
+    if all("frame_histograms" in e for e in frame_embeddings):
+        return "frame_histograms"
+    return "frame_vectors"
+
+
 def write_embedding_map(
     path: str | os.PathLike,
     dataset_split: Dataset,
@@ -124,9 +140,10 @@ def write_embedding_map(
     Returns:
       `path`.
     """
+    feature = projected_feature([frame_embeddings])
     frame_ids = np.asarray(frame_embeddings["frame_ids"], dtype=np.int64)
-    protein_ids, protein_histograms = aggregate_proteins(
-        dataset_split, frame_ids, frame_embeddings["frame_histograms"]
+    protein_ids, protein_features = aggregate_proteins(
+        dataset_split, frame_ids, frame_embeddings[feature]
     )
     xy_ids, protein_xy = aggregate_by_protein(
         dataset_split, projection.frame_ids, projection.coordinates
@@ -134,11 +151,9 @@ def write_embedding_map(
     if not np.array_equal(xy_ids, protein_ids):
         raise ValueError("the projection and the embeddings hold other proteins")
     frames, proteins = label_tables(dataset_split, projection.frame_ids)
-    metric = embedding_metric("codebook_histogram")
+    metric = EMBEDDING_KINDS[feature][1]
     if len(protein_ids) > 1:
-        neighbours, distances = nearest_neighbours(
-            protein_histograms, k=k, metric=metric
-        )
+        neighbours, distances = nearest_neighbours(protein_features, k=k, metric=metric)
     else:  # a lone protein has none to list
         neighbours, distances = np.zeros((1, 0), np.int64), np.zeros((1, 0))
 
@@ -153,7 +168,7 @@ def write_embedding_map(
     frame_thumbnails = images[frames["frame_id"].to_numpy()][..., 0]
     note = (
         f"{len(proteins)} proteins, each at the centre of its frames in the UMAP "
-        "of the frames' codebook histograms (as in umap.png), coloured by its "
+        f"of the frames' {_FEATURE_TEXT[feature]}s (as in umap.png), coloured by its "
         "predominant localization. Hover for its gene, localizations and a crop; "
         "click it for its nearest proteins."
     )
@@ -174,8 +189,8 @@ def write_embedding_map(
         frame_thumbnails=frame_thumbnails,
         title=title,
         note=note,
-        neighbour_note=f" by {metric.capitalize()} distance of mean codebook "
-        "histograms (not distance on the map)",
+        neighbour_note=f" by {metric.capitalize()} distance of mean "
+        f"{_FEATURE_TEXT[feature]}s (not distance on the map)",
     )
 
 
@@ -202,7 +217,9 @@ def write_model_figures(
     model), and `map.html`, an interactive map of one model's proteins and
     frames on its panel of that UMAP (`write_embedding_map`; open it in a
     browser): of `map_model`, by default the first model (the first `--store`
-    of the `figures` command).
+    of the `figures` command). A model without codebooks (a ViT) gets what it
+    has: its losses, and the UMAP and map of its embedding vectors (those of
+    every model, when one of several has no codebook histograms).
 
     Args:
       models: name -> (state, training metrics or None).
@@ -232,16 +249,18 @@ def write_model_figures(
     for name, (state, metrics) in models.items():
         if name not in embeddings:
             embeddings[name] = get_frame_embeddings(state, dataset_split)
-        fig = show_reconstruction(dataset_split, state, n=8, rng=rng)
-        fig.suptitle(f"{titles[name]}: frames and reconstructions", y=1.02)
-        save(f"reconstructions_{name}", fig)
+        if can_reconstruct(state):
+            fig = show_reconstruction(dataset_split, state, n=8, rng=rng)
+            fig.suptitle(f"{titles[name]}: frames and reconstructions", y=1.02)
+            save(f"reconstructions_{name}", fig)
         if metrics is not None:
             fig = plot_losses(metrics)
             fig.suptitle(titles[name], y=1.02)
             save(f"losses_{name}", fig)
-            fig = plot_perplexity(metrics)
-            fig.suptitle(titles[name], y=1.02)
-            save(f"perplexity_{name}", fig)
+            if histogram_levels(embeddings[name]):  # a model with codebooks
+                fig = plot_perplexity(metrics)
+                fig.suptitle(titles[name], y=1.02)
+                save(f"perplexity_{name}", fig)
         # Every level's codes: the chapter's one; a `CytoselfModel`'s global
         # level as well (`<name>_global`).
         for level, key in histogram_levels(embeddings[name]).items():
@@ -255,10 +274,15 @@ def write_model_figures(
                 embeddings[name][key],
             )
 
+    feature = projected_feature([embeddings[name] for name in models])
     if len(models) == 1:
-        projection = calculate_projection(embeddings[next(iter(models))])
+        projection = calculate_projection(
+            embeddings[next(iter(models))], feature=feature
+        )
     else:
-        projection = calculate_projection({name: embeddings[name] for name in models})
+        projection = calculate_projection(
+            {name: embeddings[name] for name in models}, feature=feature
+        )
     save(
         "umap",
         plot_projection(

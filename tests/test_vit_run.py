@@ -71,6 +71,7 @@ def test_a_vit_run_trains_resumes_refuses_other_settings_and_embeds(
     _check_resume(config, run, tmp_path / "stopped", monkeypatch)
     _check_refusal(config, store)
     _check_embedding_and_evaluation(run, monkeypatch)
+    _check_figures(store, tmp_path / "figures")
 
 
 def _check_settings_and_optimizer(config, run):
@@ -146,3 +147,16 @@ def _check_embedding_and_evaluation(run, monkeypatch):
     assert 0 <= knn["accuracy"] <= 1
     assert set(result["probe"]) == {"mean_quantized", "pixels_pca"}
     assert "codebook" not in result and result["reconstruction_mse"] is None
+
+
+def _check_figures(store, out):
+    """`figures` draws what a model without codebooks has: its losses, and
+    the UMAP and map of its embedding vectors; nothing of codes."""
+    command = ["figures", "--store", str(store), "--split", "train", "--out", str(out)]
+    assert main(command) == 0
+    assert {p.name for p in out.glob("*.png")} == {
+        "losses_run.png",
+        "umap.png",
+    }
+    page = (out / "map.html").read_text(encoding="utf-8")
+    assert "by Euclidean distance of mean embedding vectors" in page
