@@ -111,11 +111,13 @@ def compute_codebook_health(code_counts: np.ndarray) -> dict[str, float]:
 # in evaluations, and the distance it is compared with. Histograms: Hellinger,
 # the Euclidean distance between the square roots of the code-use
 # distributions (`hellinger_features`); mean quantized vectors are continuous
-# features whose magnitudes mean something: Euclidean. A level's embeddings
-# carry its suffix (`frame_histograms_global`); the finest level's carry none.
+# features whose magnitudes mean something: Euclidean, as for a ViT's
+# attention-pooled tokens. A level's embeddings carry its suffix
+# (`frame_histograms_global`); the finest level's carry none.
 EMBEDDING_KINDS = {
     "frame_histograms": ("codebook_histogram", "hellinger"),
     "frame_vectors": ("mean_quantized", "euclidean"),
+    "frame_pooled": ("attention_pooled", "euclidean"),
 }
 
 

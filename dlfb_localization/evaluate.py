@@ -284,7 +284,7 @@ def evaluate(
       (`compute_codebook_health`; `codebook_global` too for a `CytoselfModel`)
       and `reconstruction_mse` (None for a model that does not reconstruct
       images, `inference.can_reconstruct`). Only the embeddings the model
-      gives are scored: a ViT's `frame_vectors`, without codebook health.
+      gives are scored: a ViT's `frame_pooled`, without codebook health.
     """
     bar = tqdm(desc="evaluating", total=4, unit="stage", disable=not progress)
     bar.set_postfix_str("embeddings")

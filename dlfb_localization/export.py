@@ -22,7 +22,8 @@ R reads the CSV files directly and the arrays with `reticulate` or `RcppCNPy`.
 `<name>_frames.h5ad` and `<name>_proteins.h5ad` hold the same rows as AnnData
 (scanpy's format): the codebook histogram as `X` (one variable per code) and in
 `obsm["X_codebook_histogram"]`, the mean quantized vector in
-`obsm["X_mean_quantized"]`, the label table as `obs`. `scanpy.pp.neighbors`,
+`obsm["X_mean_quantized"]`, the label table as `obs` (a ViT's files: its
+pooled embedding as `X` and in `obsm["X_attention_pooled"]`). `scanpy.pp.neighbors`,
 `scanpy.tl.umap` and `scanpy.tl.leiden` run on them as they are (e.g.
 `sc.pp.neighbors(adata, use_rep="X_codebook_histogram")`).
 
@@ -41,7 +42,11 @@ import numpy as np
 import pandas as pd
 
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.embeddings import aggregate_by_protein, label_tables
+from dlfb_localization.embeddings import (
+    EMBEDDING_KINDS,
+    aggregate_by_protein,
+    label_tables,
+)
 from dlfb_localization.files import replace_when_written
 
 __all__ = ["export_embeddings"]
@@ -95,42 +100,52 @@ def export_embeddings(
       localization, "" if unannotated), `protein_ids` [p] int64,
       `protein_names` [p] str, `protein_histograms` [p, K] float32,
       `protein_vectors` [p, D] float32, `protein_localizations` [p] str and
-      `protein_n_frames` [p] int64.
+      `protein_n_frames` [p] int64: for a VQ-VAE; a ViT's embedding is
+      `frame_pooled` / `protein_pooled` instead of the histograms and vectors.
     """
     frame_ids = np.asarray(frame_embeddings["frame_ids"], dtype=np.int64)
-    histograms = np.asarray(frame_embeddings["frame_histograms"])
-    vectors = np.asarray(frame_embeddings["frame_vectors"])
-    if not len(frame_ids) == len(histograms) == len(vectors):
-        raise ValueError("frame_ids, frame_histograms and frame_vectors must align")
+    # The finest level's embeddings the model has, in `EMBEDDING_KINDS`' order.
+    features = {
+        base: np.asarray(frame_embeddings[base])
+        for base in EMBEDDING_KINDS
+        if base in frame_embeddings
+    }
+    if not features:
+        raise ValueError(
+            f"frame_embeddings holds none of {list(EMBEDDING_KINDS)}: "
+            f"{sorted(frame_embeddings)}"
+        )
+    if any(len(values) != len(frame_ids) for values in features.values()):
+        raise ValueError(f"frame_ids and {', '.join(features)} must align")
     frames_table, proteins_table = label_tables(dataset_split, frame_ids)
-    frame_localization = _text(frames_table["predominant_localization"])
     frame_proteins = frames_table["protein_id"].to_numpy(np.int64)
     protein_n_frames = proteins_table["n_frames"].to_numpy(np.int64)
-    protein_ids, protein_histograms = aggregate_by_protein(
-        dataset_split, frame_ids, histograms
-    )
-    _, protein_vectors = aggregate_by_protein(dataset_split, frame_ids, vectors)
+    protein_features = {}
+    for base, values in features.items():
+        protein_ids, protein_features[base] = aggregate_by_protein(
+            dataset_split, frame_ids, values
+        )
     arrays = {
         "frame_ids": frame_ids,
         "frame_protein_ids": frame_proteins,
-        "frame_histograms": histograms.astype(np.int32),
-        "frame_vectors": vectors.astype(np.float32),
-        "frame_localizations": frame_localization,
+        **{
+            base: values.astype(np.int32 if _is_histogram(base) else np.float32)
+            for base, values in features.items()
+        },
+        "frame_localizations": _text(frames_table["predominant_localization"]),
         "protein_ids": protein_ids,
         "protein_names": _text(proteins_table["name"]),
-        "protein_histograms": protein_histograms,
-        "protein_vectors": protein_vectors,
+        **{
+            _protein_key(base): values.astype(np.float32)
+            for base, values in protein_features.items()
+        },
         "protein_localizations": _text(proteins_table["predominant_localization"]),
         "protein_n_frames": protein_n_frames.astype(np.int64),
     }
 
     annotated = {
-        "frames_h5ad": _annotated(
-            frames_table, "frame_id", histograms, vectors.astype(np.float32)
-        ),
-        "proteins_h5ad": _annotated(
-            proteins_table, "protein_id", protein_histograms, protein_vectors
-        ),
+        "frames_h5ad": _annotated(frames_table, "frame_id", features),
+        "proteins_h5ad": _annotated(proteins_table, "protein_id", protein_features),
     }
 
     out = Path(out_dir)
@@ -156,20 +171,33 @@ def export_embeddings(
     return paths
 
 
+def _is_histogram(base: str) -> bool:
+    return base == "frame_histograms"
+
+
+def _protein_key(base: str) -> str:
+    """`frame_histograms` -> `protein_histograms`, and so on."""
+    return "protein_" + base.removeprefix("frame_")
+
+
 def _annotated(
-    table: pd.DataFrame, key: str, histograms: np.ndarray, vectors: np.ndarray
+    table: pd.DataFrame, key: str, features: dict[str, np.ndarray]
 ) -> anndata.AnnData:
-    """An AnnData of one row per frame or protein: the codebook histogram as X
-    (one variable per code) and in `obsm["X_codebook_histogram"]`, the mean
-    quantized vector in `obsm["X_mean_quantized"]`, the labels in `obs`."""
+    """An AnnData of one row per frame or protein, the labels in `obs`: each
+    embedding in `obsm["X_<its evaluation name>"]` (`X_codebook_histogram`,
+    `X_mean_quantized`, `X_attention_pooled`), and the first of them as `X`
+    (the codebook histogram, one variable per code, where the model has one)."""
     obs = table.set_index(table[key].astype(str).rename(None))
-    histograms = np.asarray(histograms, dtype=np.float32)
+    obsm = {
+        f"X_{EMBEDDING_KINDS[base][0]}": np.asarray(values, dtype=np.float32)
+        for base, values in features.items()
+    }
+    first_base = next(iter(features))
+    first = obsm[f"X_{EMBEDDING_KINDS[first_base][0]}"]
+    prefix = "code" if _is_histogram(first_base) else "dim"
     return anndata.AnnData(
-        X=histograms,
+        X=first,
         obs=obs,
-        var=pd.DataFrame(index=[f"code_{i}" for i in range(histograms.shape[1])]),
-        obsm={
-            "X_codebook_histogram": histograms,
-            "X_mean_quantized": np.asarray(vectors, dtype=np.float32),
-        },
+        var=pd.DataFrame(index=[f"{prefix}_{i}" for i in range(first.shape[1])]),
+        obsm=obsm,
     )

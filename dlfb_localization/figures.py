@@ -92,17 +92,28 @@ def _save_spectra(
 
 _FEATURE_TEXT = {
     "frame_histograms": "codebook histogram",
-    "frame_vectors": "embedding vector",
+    "frame_vectors": "mean quantized vector",
+    "frame_pooled": "attention-pooled embedding",
 }
 
 
 def projected_feature(frame_embeddings: Sequence[Mapping[str, np.ndarray]]) -> str:
-    """What `umap.png` and `map.html` place frames by: the codebook histograms
-    (the chapter's) where every model has them, else the embedding vectors
-    (mean quantized vectors, or a ViT's pooled embedding)."""
-    if all("frame_histograms" in e for e in frame_embeddings):
-        return "frame_histograms"
-    return "frame_vectors"
+    """What `umap.png` and `map.html` place frames by: the first embedding of
+    `EMBEDDING_KINDS` every model has, so the codebook histograms (the
+    chapter's) for the VQ-VAEs and the pooled tokens for a ViT.
+
+    Raises:
+      ValueError: the models share no embedding (a ViT beside a VQ-VAE): draw
+        them with separate `figures` commands.
+    """
+    for feature in EMBEDDING_KINDS:
+        if all(feature in e for e in frame_embeddings):
+            return feature
+    raise ValueError(
+        "the models share no kind of embedding to place their frames in one "
+        "UMAP (a ViT's pooled tokens beside a VQ-VAE's codes?); draw each "
+        "family's runs with its own figures command"
+    )
 
 
 def write_embedding_map(
@@ -218,8 +229,8 @@ def write_model_figures(
     frames on its panel of that UMAP (`write_embedding_map`; open it in a
     browser): of `map_model`, by default the first model (the first `--store`
     of the `figures` command). A model without codebooks (a ViT) gets what it
-    has: its losses, and the UMAP and map of its embedding vectors (those of
-    every model, when one of several has no codebook histograms).
+    has: its losses, and the UMAP and map of its pooled embeddings
+    (`projected_feature`).
 
     Args:
       models: name -> (state, training metrics or None).

@@ -475,7 +475,7 @@ def test_tiny_vit_steps_lower_the_subcell_loss_and_embed(tiny_batch):
     def embed(params, x):
         variables = {"params": params}
         return (
-            state.apply_fn(variables, x, method="summarise_frames")["frame_vectors"],
+            state.apply_fn(variables, x, method="summarise_frames")["frame_pooled"],
             state.apply_fn(variables, x, method="attention_maps"),
         )
 

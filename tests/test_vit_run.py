@@ -72,6 +72,7 @@ def test_a_vit_run_trains_resumes_refuses_other_settings_and_embeds(
     _check_refusal(config, store)
     _check_embedding_and_evaluation(run, monkeypatch)
     _check_figures(store, tmp_path / "figures")
+    _check_export(store, tmp_path / "embeddings", width=2 * 64)
 
 
 def _check_settings_and_optimizer(config, run):
@@ -140,18 +141,19 @@ def _check_embedding_and_evaluation(run, monkeypatch):
     embeddings = get_frame_embeddings(run.state, split, batch_size=8)
     width = run.state.model.embedding_dim
     assert width == 2 * 64  # two pooling heads of the tiny ViT's width
-    assert embeddings["frame_vectors"].shape == (len(split), width)
+    assert set(embeddings) == {"frame_ids", "frame_pooled"}
+    assert embeddings["frame_pooled"].shape == (len(split), width)
     assert not any(key.startswith("frame_histograms") for key in embeddings)
     result = evaluate(run.state, split, k=1, frame_embeddings=embeddings)
-    knn = result["knn"]["protein"]["all"]["mean_quantized"]
+    knn = result["knn"]["protein"]["all"]["attention_pooled"]
     assert 0 <= knn["accuracy"] <= 1
-    assert set(result["probe"]) == {"mean_quantized", "pixels_pca"}
+    assert set(result["probe"]) == {"attention_pooled", "pixels_pca"}
     assert "codebook" not in result and result["reconstruction_mse"] is None
 
 
 def _check_figures(store, out):
     """`figures` draws what a model without codebooks has: its losses, and
-    the UMAP and map of its embedding vectors; nothing of codes."""
+    the UMAP and map of its pooled embeddings; nothing of codes."""
     command = ["figures", "--store", str(store), "--split", "train", "--out", str(out)]
     assert main(command) == 0
     assert {p.name for p in out.glob("*.png")} == {
@@ -159,4 +161,19 @@ def _check_figures(store, out):
         "umap.png",
     }
     page = (out / "map.html").read_text(encoding="utf-8")
-    assert "by Euclidean distance of mean embedding vectors" in page
+    assert "by Euclidean distance of mean attention-pooled embeddings" in page
+
+
+def _check_export(store, out, width):
+    """`embed` writes the pooled embedding where a VQ-VAE's has codes."""
+    import anndata
+
+    command = ["embed", "--store", str(store), "--split", "train", "--out", str(out)]
+    assert main(command) == 0
+    with np.load(out / "train.npz") as arrays:
+        assert arrays["frame_pooled"].shape[1] == width
+        assert arrays["protein_pooled"].shape == (6, width)
+        assert "frame_histograms" not in arrays
+    proteins = anndata.read_h5ad(out / "train_proteins.h5ad")
+    assert proteins.shape == (6, width)
+    assert list(proteins.obsm) == ["X_attention_pooled"]

@@ -332,10 +332,10 @@ class ViTModel(nn.Module):
         return self.encoder(prepare_images(x, self.standardize_inputs))
 
     def summarise_frames(self, x: jax.Array) -> dict[str, jax.Array]:
-        """Per-frame embeddings: `frame_vectors` `[b, pooling_heads * width]`
+        """Per-frame embeddings: `frame_pooled` `[b, pooling_heads * width]`
         float32, the pooled tokens of the whole crop (no mask, no
-        augmentation, no randomness)."""
-        return {"frame_vectors": self.pooling(self.encode(x)).pooled}
+        augmentation, no randomness); "attention_pooled" in evaluations."""
+        return {"frame_pooled": self.pooling(self.encode(x)).pooled}
 
     def attention_maps(self, x: jax.Array) -> jax.Array:
         """Where each pooling head looks: `[batch, h / p, w / p, pooling_heads]`
