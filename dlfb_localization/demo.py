@@ -14,7 +14,6 @@ Run again with the same folder, the finished runs are restored from their
 checkpoints instead of trained again.
 """
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -347,7 +346,8 @@ def _training_health(runs, titles) -> list[str]:
 
 def _report(configs, runs, results, figures, out: Path, seconds: dict) -> str:
     titles = {UNTRAINED[0]: UNTRAINED[1], **{n: t for n, (t, _) in MODELS.items()}}
-    config = dataclasses.asdict(next(iter(configs.values())))
+    # The settings of the demo's family only (`RunConfig.to_json`).
+    config = next(iter(configs.values())).to_json()
     config.pop("classification_weight")
     reference = next(iter(results.values()))
     lines = [

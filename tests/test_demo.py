@@ -54,6 +54,9 @@ def test_demo_writes_every_figure_and_the_report(tiny_demo, tmp_path, capsys):
     assert "No ClassificationHead: proteins in the embedding" in page
     assert "[figures/map.html](figures/map.html)" in text
     assert "![map]" not in text
+    # The settings of the demo's family, not the ViT's.
+    training = next(line for line in text.splitlines() if line.startswith("Training:"))
+    assert "num_embeddings=16" in training and "objective" not in training
     results = json.loads((out / "report.json").read_text())
     assert set(results) == {"untrained", "with_head", "without_head"}
     assert "| No ClassificationHead | codebook_histogram |" in text

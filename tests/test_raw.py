@@ -248,10 +248,11 @@ def test_a_run_trained_on_cropped_fields_embeds_crops_of_other_fields(tmp_path):
         assert cli.main(argv) == 0
         return tmp_path / name
 
-    # Training splits by field of view (80/10/10): ten fields, two per protein.
+    # Training splits by field of view (80/10/10): ten fields, two per protein,
+    # from fields 0-4 (each in two proteins); the new folder holds fields 5, 6.
     seen = crop(
         "seen",
-        {f"G{i}_ENSG0000000000{i}": [FIELDS[i], FIELDS[i + 1]] for i in range(5)},
+        {f"G{i}_ENSG0000000000{i}": [FIELDS[i], FIELDS[(i + 1) % 5]] for i in range(5)},
     )
     unseen = crop("unseen", {"H5_ENSG00000000105": [FIELDS[5], FIELDS[6]]})
     store = tmp_path / "run"
