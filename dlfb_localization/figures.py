@@ -24,7 +24,8 @@ from dlfb_localization.embeddings import (
 )
 from dlfb_localization.files import replace_when_written
 from dlfb_localization.history import History
-from dlfb_localization.inference import can_reconstruct
+from dlfb_localization.inference import can_reconstruct, has_attention_maps
+from dlfb_localization.inspect.attention import show_attention
 from dlfb_localization.inspect.codebook import plot_codebook_usage
 from dlfb_localization.inspect.embeddings.clustering import (
     Projection,
@@ -229,8 +230,8 @@ def write_model_figures(
     frames on its panel of that UMAP (`write_embedding_map`; open it in a
     browser): of `map_model`, by default the first model (the first `--store`
     of the `figures` command). A model without codebooks (a ViT) gets what it
-    has: its losses, and the UMAP and map of its pooled embeddings
-    (`projected_feature`).
+    has: its losses, `attention_<name>.png` (where its pooling looks) and
+    the UMAP and map of its pooled embeddings (`projected_feature`).
 
     Args:
       models: name -> (state, training metrics or None).
@@ -264,6 +265,10 @@ def write_model_figures(
             fig = show_reconstruction(dataset_split, state, n=8, rng=rng)
             fig.suptitle(f"{titles[name]}: frames and reconstructions", y=1.02)
             save(f"reconstructions_{name}", fig)
+        if has_attention_maps(state):
+            fig = show_attention(dataset_split, state, n=8, rng=rng)
+            fig.suptitle(f"{titles[name]}: where the pooling looks", y=1.02)
+            save(f"attention_{name}", fig)
         if metrics is not None:
             fig = plot_losses(metrics)
             fig.suptitle(titles[name], y=1.02)

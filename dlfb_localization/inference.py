@@ -179,3 +179,24 @@ def squared_errors(state: TrainState, images: jax.Array) -> jax.Array:
     """`[b]` sum over each image's pixels of its squared reconstruction error
     (`reconstruct`, on the images' scale)."""
     return _squared_errors(state.apply_fn, state.params, images)
+
+
+def _attention_maps(model, images: jax.Array) -> jax.Array:
+    return model.attention_maps(images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _attention_jit(apply_fn, params, images: jax.Array) -> jax.Array:
+    return apply_fn({"params": params}, images, method=_attention_maps)
+
+
+def has_attention_maps(state: TrainState) -> bool:
+    """Whether the state's model shows where it looks (`attention_maps`): a
+    ViT's attention pooling does; the VQ-VAEs have no such weights."""
+    return hasattr(model_of(state), "attention_maps")
+
+
+def attention_maps(state: TrainState, images: jax.Array) -> jax.Array:
+    """`[b, rows, cols, heads]` pooling weights on each image's patch grid
+    (each head's sum to one), from the model's `attention_maps`."""
+    return _attention_jit(state.apply_fn, state.params, images)

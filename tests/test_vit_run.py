@@ -157,6 +157,7 @@ def _check_figures(store, out):
     command = ["figures", "--store", str(store), "--split", "train", "--out", str(out)]
     assert main(command) == 0
     assert {p.name for p in out.glob("*.png")} == {
+        "attention_run.png",
         "losses_run.png",
         "umap.png",
     }
