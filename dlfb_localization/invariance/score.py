@@ -29,8 +29,11 @@ __all__ = [
     "orbit_pooled_embeddings",
 ]
 
-# The distance each embedding is compared with, as in the k-NN.
-EMBEDDING_METRICS = dict(EMBEDDING_KINDS.values())
+# The distance each embedding is compared with, as in the k-NN: the VQ-VAE's
+# two, in the order `_summarise` returns them.
+EMBEDDING_METRICS = dict(
+    EMBEDDING_KINDS[key] for key in ("frame_histograms", "frame_vectors")
+)
 # Angles that no pixel permutation reaches.
 DEFAULT_ANGLES = (15.0, 30.0, 45.0, 60.0)
 
