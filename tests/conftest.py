@@ -134,6 +134,15 @@ LOCS = [
 ]
 
 
+def assert_same_tree(a, b) -> None:
+    """Two pytrees of the same structure with bitwise equal leaves."""
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def latest_checkpoint_meta(checkpoints: Path) -> dict:
     """The metadata of the newest checkpoint in the folder `checkpoints`."""
     from dlfb_localization import checkpoint

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 import tiny
+from conftest import assert_same_tree
 from orbax.checkpoint._src.path import atomicity
 
 from dlfb_localization import checkpoint
@@ -38,18 +39,10 @@ def _finalized_steps(path: Path) -> list[int]:
     return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
 
 
-def _assert_same_tree(a, b) -> None:
-    leaves_a, tree_a = jax.tree.flatten(a)
-    leaves_b, tree_b = jax.tree.flatten(b)
-    assert tree_a == tree_b
-    for x, y in zip(leaves_a, leaves_b, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def _assert_same_run(state, metrics, reference_state, reference_metrics) -> None:
     assert int(state.step) == int(reference_state.step) == FINAL_STEP
-    _assert_same_tree(state.params, reference_state.params)  # bitwise
-    _assert_same_tree(state.opt_state, reference_state.opt_state)
+    assert_same_tree(state.params, reference_state.params)  # bitwise
+    assert_same_tree(state.opt_state, reference_state.opt_state)
     assert metrics == reference_metrics
 
 
@@ -96,8 +89,8 @@ def test_checkpoint_restores_into_a_differently_seeded_state(reference):
         manager.close()
 
     assert step == FINAL_STEP
-    _assert_same_tree(state.params, reference_state.params)
-    _assert_same_tree(state.opt_state, reference_state.opt_state)
+    assert_same_tree(state.params, reference_state.params)
+    assert_same_tree(state.opt_state, reference_state.opt_state)
     images = worker.make_splits()["valid"].images.frames[:4]
     forward = jax.jit(
         lambda p: worker.MODEL.apply(
@@ -105,7 +98,7 @@ def test_checkpoint_restores_into_a_differently_seeded_state(reference):
         )
     )
     outputs = [forward(s.params) for s in (state, reference_state)]
-    _assert_same_tree(*outputs)
+    assert_same_tree(*outputs)
     # The metadata is plain JSON on disk, holding the config and the metrics.
     on_disk = json.loads((store_path / str(step) / "meta" / "metadata").read_text())
     assert on_disk == meta
@@ -350,7 +343,7 @@ def test_a_checkpoint_of_a_plain_train_state_restores_into_a_model_state(tmp_pat
         manager.close()
     assert type(restored) is type(state) and restored.model == model
     assert int(restored.step) == 3
-    _assert_same_tree(restored.params, old.params)
+    assert_same_tree(restored.params, old.params)
 
 
 def _truncate_largest_array_file(step: Path) -> None:

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import assert_same_tree
 
 from dlfb_localization import evaluate as evaluate_module
 from dlfb_localization import loop
@@ -50,14 +51,6 @@ def _train_vit(path, store):
         **TINY_VIT,
     )
     return config, load_run(store)
-
-
-def _assert_same_tree(a, b) -> None:
-    leaves_a, tree_a = jax.tree.flatten(a)
-    leaves_b, tree_b = jax.tree.flatten(b)
-    assert tree_a == tree_b
-    for x, y in zip(leaves_a, leaves_b, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_a_vit_run_trains_resumes_refuses_other_settings_and_embeds(
@@ -123,8 +116,8 @@ def _check_resume(config, reference, store, monkeypatch):
     monkeypatch.setattr(loop.checkpoint, "save_epoch", save_epoch)
     resumed = train_run(config, store, progress=False)
     assert int(resumed.state.step) == int(reference.state.step)
-    _assert_same_tree(resumed.state.params, reference.state.params)  # bitwise
-    _assert_same_tree(resumed.state.opt_state, reference.state.opt_state)
+    assert_same_tree(resumed.state.params, reference.state.params)  # bitwise
+    assert_same_tree(resumed.state.opt_state, reference.state.opt_state)
     assert resumed.metrics == reference.metrics
 
 

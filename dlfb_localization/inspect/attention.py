@@ -8,9 +8,8 @@ from flax.training.train_state import TrainState
 from matplotlib.figure import Figure
 
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.dataset.localizations import frame_localizations
 from dlfb_localization.inference import attention_maps
-from dlfb_localization.inspect.frames import frame_title
+from dlfb_localization.inspect.frames import frame_titles
 
 __all__ = ["show_attention"]
 
@@ -47,8 +46,7 @@ def show_attention(
     images = np.asarray(dataset_split.images.frames[frame_ids], dtype=np.float32)
     weights = np.asarray(attention_maps(state, images))
     heads = weights.shape[-1]
-    lookup = dataset_split.labels.lookup.set_index("frame_id").loc[frame_ids]
-    localizations = frame_localizations(lookup)
+    titles = frame_titles(dataset_split, frame_ids)
 
     per_row = min(n, _FRAMES_PER_ROW)
     rows = math.ceil(n / per_row)
@@ -66,7 +64,7 @@ def show_attention(
         image = images[i, ..., channel]
         ax = fig.add_subplot(grid[row, (width + 1) * column])
         ax.imshow(image, cmap="gray", interpolation="nearest")
-        ax.set_title(frame_title(lookup["name"].iloc[i], localizations[i]), fontsize=8)
+        ax.set_title(titles[i], fontsize=8)
         ax.set_axis_off()
         top = float(weights[i].max())
         for head in range(heads):

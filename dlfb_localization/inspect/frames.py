@@ -17,6 +17,16 @@ def frame_title(name: str, localizations: list[str]) -> str:
     return f"{name}\n{localizations[0]}{extra}"
 
 
+def frame_titles(dataset, frame_ids: np.ndarray) -> list[str]:
+    """`frame_title` of each of `frame_ids` of `dataset`, in their order."""
+    lookup = dataset.labels.lookup.set_index("frame_id").loc[frame_ids]
+    localizations = frame_localizations(lookup)
+    return [
+        frame_title(name, found)
+        for name, found in zip(lookup["name"], localizations, strict=True)
+    ]
+
+
 def plot_frames(
     dataset, frame_ids: np.ndarray, with_labels: bool = True, channel: int = 0
 ) -> Figure:
@@ -43,16 +53,13 @@ def plot_frames(
     )
     images = dataset.images.frames[np.sort(frame_ids)][..., channel]
     order = np.argsort(np.argsort(frame_ids))  # back to the caller's order
-    lookup = dataset.labels.lookup.set_index("frame_id").loc[frame_ids]
-    localizations = frame_localizations(lookup)
+    titles = frame_titles(dataset, frame_ids) if with_labels else []
     for i, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if i >= n:
             continue
         ax.imshow(images[order[i]], cmap="gray", interpolation="nearest")
         if with_labels:
-            ax.set_title(
-                frame_title(lookup["name"].iloc[i], localizations[i]), fontsize=8
-            )
+            ax.set_title(titles[i], fontsize=8)
     fig.tight_layout()
     return fig

@@ -8,9 +8,8 @@ from flax.training.train_state import TrainState
 from matplotlib.figure import Figure
 
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.dataset.localizations import frame_localizations
 from dlfb_localization.inference import reconstruct
-from dlfb_localization.inspect.frames import frame_title
+from dlfb_localization.inspect.frames import frame_titles
 
 __all__ = ["show_reconstruction"]
 
@@ -45,8 +44,7 @@ def show_reconstruction(
     frame_ids = dataset_split.sample_frame_ids(n, rng)
     images = np.asarray(dataset_split.images.frames[frame_ids], dtype=np.float32)
     decoded = np.asarray(reconstruct(state, images))
-    lookup = dataset_split.labels.lookup.set_index("frame_id").loc[frame_ids]
-    localizations = frame_localizations(lookup)
+    titles = frame_titles(dataset_split, frame_ids)
 
     pairs_per_row = min(n, _PAIRS_PER_ROW)
     rows = math.ceil(n / pairs_per_row)
@@ -72,9 +70,7 @@ def show_reconstruction(
             vmax=vmax,
             interpolation="nearest",
         )
-        ax_in.set_title(
-            frame_title(lookup["name"].iloc[i], localizations[i]), fontsize=8
-        )
+        ax_in.set_title(titles[i], fontsize=8)
         ax_out.set_title("reconstruction", fontsize=8)
         ax_in.set_axis_off()
         ax_out.set_axis_off()
