@@ -50,6 +50,36 @@ def _demo(args: argparse.Namespace) -> None:
     demo.run(args.out, seed=args.seed)
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from dlfb_localization.compare import compare, format_table
+
+    result = compare(
+        args.data,
+        args.eval_data,
+        args.out,
+        candidates=args.candidates,
+        seeds=args.seeds,
+        minutes=args.minutes,
+        epochs=args.epochs,
+        k=args.k,
+    )
+    print(format_table(result))
+    print(f"wrote {args.out / 'compare.md'}, compare.json and compare.png")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(seed) for seed in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated seeds like 0,1,2, got {text!r}"
+        ) from None
+
+
 def _config_from_args(config_class, args: argparse.Namespace):
     """`config_class` (a dataclass with a `data` folder) from the parsed flags
     named like its fields."""
@@ -377,9 +407,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data(figures)
     figures.set_defaults(func=_figures)
+    _add_compare(commands)
     _add_predict(commands)
     _add_crop(commands)
     return parser
+
+
+def _add_compare(commands) -> None:
+    from dlfb_localization.compare import DEFAULT_CANDIDATES
+
+    compare = commands.add_parser(
+        "compare",
+        help="train several model families and score them on the same unseen proteins",
+        description="Trains (or restores) each candidate on DATA for every seed, "
+        "each for about --minutes of this machine's time, and scores its "
+        "embeddings, beside raw pixels and an untrained model, on every frame of "
+        "EVAL_DATA (proteins the runs never saw): protein-level k-NN and the "
+        "multi-label probe. Writes OUT/compare.md, compare.json and compare.png "
+        "(mean and standard deviation over the seeds) and the runs in OUT/runs.",
+    )
+    compare.add_argument("--data", type=Path, required=True, help="training data")
+    compare.add_argument(
+        "--eval-data",
+        type=Path,
+        required=True,
+        help="data folder of unseen proteins, e.g. the demo's evaluation_data",
+    )
+    compare.add_argument("--out", type=Path, required=True, help="output folder")
+    compare.add_argument(
+        "--candidates",
+        type=_names,
+        default=DEFAULT_CANDIDATES,
+        help="comma-separated (default: " + ",".join(DEFAULT_CANDIDATES) + ")",
+    )
+    compare.add_argument(
+        "--seeds", type=_seeds, default=(0, 1, 2), help="default: 0,1,2"
+    )
+    compare.add_argument(
+        "--minutes",
+        type=float,
+        default=2.0,
+        help="training minutes per run on this machine (default: 2)",
+    )
+    compare.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="train every candidate this many epochs instead of --minutes",
+    )
+    compare.add_argument("--k", type=int, default=5, help="neighbours (default: 5)")
+    compare.set_defaults(func=_compare)
 
 
 def _add_train(commands) -> None:

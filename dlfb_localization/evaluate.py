@@ -83,6 +83,7 @@ __all__ = [
     "probe_targets",
     "reconstruct",
     "score_knn",
+    "score_localization",
     "score_majority",
     "score_probe",
 ]
@@ -304,16 +305,10 @@ def evaluate(
         for name, key in named_embeddings(embeddings).items()
     }
     features["pixels_pca"] = pca["features"]
-    bar.total = 5 + len(features)
-    bar.set_postfix_str("k-NN")
-    protein_ids, protein_features = _protein_means(dataset_split, frame_ids, features)
-    knn = _score_localization_knn(
-        dataset_split, frame_ids, features, protein_ids, protein_features, k
-    )
-    bar.update()
-    bar.set_postfix_str("probe")
-    probe_labels, probe = _score_localization_probe(
-        dataset_split, protein_ids, protein_features, random_state
+    bar.total = 4 + len(features)
+    bar.set_postfix_str("k-NN and probe")
+    localization = score_localization(
+        dataset_split, features, k=k, random_state=random_state
     )
     bar.update()
     clusters = _score_clusters(dataset_split, features, random_state, bar)
@@ -344,9 +339,7 @@ def evaluate(
             "pca_components": int(pca["features"].shape[1]),
             "umap": {"n_neighbors": UMAP_NEIGHBORS, "min_dist": UMAP_MIN_DIST},
         },
-        "labels": {**knn["labels"], "probe": probe_labels},
-        "knn": knn["knn"],
-        "probe": probe,
+        **localization,
         "cluster_score": clusters,
         **{
             f"codebook{suffix}": compute_codebook_health(embeddings[key].sum(axis=0))
@@ -357,6 +350,48 @@ def evaluate(
     if out_path is not None:
         write_json(result, out_path)
     return result
+
+
+def score_localization(
+    dataset_split: Dataset,
+    features: Mapping[str, np.ndarray],
+    *,
+    k: int = 5,
+    random_state: int = 0,
+) -> dict:
+    """Localization k-NN and the probe of named per-frame embeddings, as
+    `evaluate` scores them (without its UMAPs and codebook health).
+
+    Args:
+      dataset_split: the frames the features describe.
+      features: `{name: [n, d]}` per-frame embeddings in the split's frame-id
+        order, named as `embeddings.named_embeddings` names a model's or
+        "pixels_pca"; the name picks the distance (`EMBEDDING_METRICS`).
+      k: neighbours in k-NN votes.
+      random_state: seeds the probe's folds and solver.
+
+    Returns:
+      `evaluate`'s `labels` (with `labels["probe"]`), `knn` and `probe`.
+    """
+    frame_ids = dataset_split.labels.frame_ids
+    for name, values in features.items():
+        if len(values) != len(frame_ids):
+            raise ValueError(
+                f"embedding {name!r} has {len(values)} rows but the split has "
+                f"{len(frame_ids)} frames"
+            )
+    protein_ids, protein_features = _protein_means(dataset_split, frame_ids, features)
+    knn = _score_localization_knn(
+        dataset_split, frame_ids, features, protein_ids, protein_features, k
+    )
+    probe_labels, probe = _score_localization_probe(
+        dataset_split, protein_ids, protein_features, random_state
+    )
+    return {
+        "labels": {**knn["labels"], "probe": probe_labels},
+        "knn": knn["knn"],
+        "probe": probe,
+    }
 
 
 def _protein_means(

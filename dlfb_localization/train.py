@@ -47,6 +47,7 @@ __all__ = [
     "compute_metrics",
     "default_microbatches",
     "eval_step",
+    "model_microbatches",
     "train",
     "train_step",
 ]
@@ -143,6 +144,15 @@ def default_microbatches(batch_size: int, n_devices: int = 1) -> int:
     if jax.default_backend() != "cpu" or batch_size % per_pass:
         return 1
     return max(batch_size // per_pass, 1)
+
+
+def model_microbatches(state: TrainState, batch_size: int, n_devices: int = 1) -> int:
+    """The passes `train` gives a step of the state's model: 1 for a model
+    whose samples are not `independent_samples` (a contrastive loss compares
+    a batch's samples), else `default_microbatches`."""
+    if not getattr(model_of(state), "independent_samples", True):
+        return 1
+    return default_microbatches(batch_size, n_devices)
 
 
 def _split_microbatches(batch: Batch, microbatches: int) -> list[Batch]:
@@ -447,9 +457,7 @@ def train(
     state = parallel.place_state(state)
     rng_data, rng_dropout = jax.random.split(rng)
     weight = jnp.float32(classification_weight)
-    microbatches = 1
-    if getattr(model_of(state), "independent_samples", True):
-        microbatches = default_microbatches(batch_size, parallel.n_devices)
+    microbatches = model_microbatches(state, batch_size, parallel.n_devices)
     config = None
     if store_path is not None:
         config = checkpoint.build_run_config(
