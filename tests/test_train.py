@@ -134,6 +134,19 @@ def test_default_microbatches_split_only_cpu_batches_of_whole_passes():
     assert train_module.default_microbatches(32) == 1
 
 
+def test_a_step_takes_the_passes_its_model_allows_by_default():
+    """`train_step`'s default (the chapter's four-argument call): a VQ-VAE's
+    batch of 256 in 4 passes on a CPU, a contrastive model's in one."""
+    from types import SimpleNamespace
+
+    from dlfb_localization.model.vit import ViTModel
+
+    chapter = SimpleNamespace(model=MODEL)
+    assert train_module.model_microbatches(chapter, 256) == 4
+    assert train_module.model_microbatches(chapter, 256, n_devices=4) == 1
+    assert train_module.model_microbatches(SimpleNamespace(model=ViTModel()), 256) == 1
+
+
 def test_eval_and_train_compute_the_same_losses_without_dropout():
     state, batch = make_state(), make_batch()
 
