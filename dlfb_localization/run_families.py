@@ -4,10 +4,10 @@ from a run's settings: its module, its optimizer and its training batches.
 The VQ-VAE families (the chapter's `LocalizationModel` and `CytoselfModel`)
 train with Adam on the split's shuffled batches, as the chapter does. The
 ViT trains as SubCell does: AdamW (betas 0.9 and 0.95, weight decay 0.05,
-learning rate 1e-4) and, when its objective has the protein-specific
-(supervised contrastive) task, batches of P proteins x K crops, so that every
-batch holds positives. The run's code (`runs`, `train`) asks this table, never
-which family it holds.
+learning rate 1e-4, warmed up then decayed: `vit_learning_rate`) and, when
+its objective has the protein-specific (supervised contrastive) task,
+batches of P proteins x K crops, so that every batch holds positives. The
+run's code (`runs`, `train`) asks this table, never which family it holds.
 
 Adding a family: its module under `model/` (`model.interface`) and an entry
 in `MODELS`.
@@ -32,7 +32,7 @@ from dlfb_localization.model.contrastive import OBJECTIVES
 from dlfb_localization.model.cytoself import CytoselfModel
 from dlfb_localization.model.vit import VIT_SIZES, ViTModel
 
-__all__ = ["MODELS", "VQ_FAMILIES", "Family", "TrainBatches"]
+__all__ = ["MODELS", "VQ_FAMILIES", "Family", "TrainBatches", "vit_learning_rate"]
 
 # `RunConfig` is passed in as `config` (it imports this module).
 Config = Any
@@ -45,10 +45,15 @@ class TrainBatches(NamedTuple):
       batch_size: frames per step.
       batches: `batches(key)` -> one epoch's batches (`train.train`'s
         `batches`), or None for the split's shuffled batches.
+      steps_per_epoch: batches an epoch gives: `len(train_split) //
+        batch_size` for shuffled batches; for P x K batches, the count of one
+        plan (seed 0), as another epoch's draw can leave a batch more or
+        fewer (`plan_protein_batches`).
     """
 
     batch_size: int
     batches: Callable[[jax.Array], Iterable[dict]] | None
+    steps_per_epoch: int
 
 
 class Family(NamedTuple):
@@ -58,14 +63,16 @@ class Family(NamedTuple):
       build: `build(config, common, init_sample)` -> the module; `common` holds
         the settings every VQ family shares (`runs.build_model`),
         `init_sample()` a seeded sample of training frames.
-      optimizer: `optimizer(config)` -> the optax transformation.
+      optimizer: `optimizer(config, steps_per_epoch)` -> the optax
+        transformation; `steps_per_epoch` is `TrainBatches.steps_per_epoch`
+        (what a schedule over the run's steps needs).
       learning_rate: the learning rate a run gets when it names none.
       train_batches: `train_batches(config, train_split)` -> `TrainBatches`;
         raises ValueError if the split cannot give them.
     """
 
     build: Callable[[Config, dict, Callable[[], np.ndarray]], nn.Module]
-    optimizer: Callable[[Config], optax.GradientTransformation]
+    optimizer: Callable[[Config, int], optax.GradientTransformation]
     learning_rate: float
     train_batches: Callable[[Config, Dataset], TrainBatches]
 
@@ -93,19 +100,54 @@ def _vit_model(config: Config, common: dict, init_sample) -> nn.Module:
     )
 
 
-def _adam(config: Config) -> optax.GradientTransformation:
+# The ViT's schedule: linear warm-up over this share of the run's steps (at
+# least one), then cosine decay to this share of the peak at its last step.
+WARMUP_SHARE = 0.05
+END_SHARE = 0.01
+
+
+def _adam(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    # The chapter's constant rate: the VQ families' runs stay what they were.
+    del steps_per_epoch
     return optax.adam(config.learning_rate)
 
 
-def _adamw(config: Config) -> optax.GradientTransformation:
-    # SubCell's betas; its warm-up and decay are not (yet) used here.
+def vit_learning_rate(config: Config, steps_per_epoch: int) -> optax.Schedule:
+    """The ViT's learning rate by step, as SubCell warms up then decays it:
+    from 0 linearly up to `config.learning_rate` over `WARMUP_SHARE` of the
+    run's `num_epochs * steps_per_epoch` steps (at least one), then down a
+    cosine to `END_SHARE` of the peak at the run's last step (and there after,
+    should a P x K epoch give a batch more than planned).
+
+    A function of the optimizer's own step count, which is checkpointed with
+    its state: a resumed run continues the schedule where it stopped.
+    """
+    total = config.num_epochs * steps_per_epoch
+    if total < 1:
+        raise ValueError(f"a run needs at least one step, got {total}")
+    warmup = max(1, round(WARMUP_SHARE * total))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=warmup,
+        # optax counts the warm-up in `decay_steps`; the last step is total - 1.
+        decay_steps=max(total - 1, warmup + 1),
+        end_value=END_SHARE * config.learning_rate,
+    )
+
+
+def _adamw(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    # SubCell's betas, weight decay and warm-up then decay.
     return optax.adamw(
-        config.learning_rate, b1=0.9, b2=0.95, weight_decay=config.weight_decay
+        vit_learning_rate(config, steps_per_epoch),
+        b1=0.9,
+        b2=0.95,
+        weight_decay=config.weight_decay,
     )
 
 
 def _shuffled_batches(config: Config, train_split: Dataset) -> TrainBatches:
-    return TrainBatches(config.batch_size, None)
+    return TrainBatches(config.batch_size, None, len(train_split) // config.batch_size)
 
 
 def _vit_batches(config: Config, train_split: Dataset) -> TrainBatches:
@@ -131,7 +173,9 @@ def _vit_batches(config: Config, train_split: Dataset) -> TrainBatches:
             "--proteins-per-batch or --crops-per-protein"
         )
     return TrainBatches(
-        p * k, functools.partial(iterate_protein_batches, train_split, p, k)
+        p * k,
+        functools.partial(iterate_protein_batches, train_split, p, k),
+        len(plan),
     )
 
 
