@@ -19,8 +19,9 @@ from dlfb_localization.cli import main
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.embeddings import get_frame_embeddings
 from dlfb_localization.evaluate import evaluate
+from dlfb_localization.figures import write_model_figures
 from dlfb_localization.run_families import MODELS, vit_learning_rate
-from dlfb_localization.runs import RunConfig, load_run, train_run
+from dlfb_localization.runs import RunConfig, create_state, load_run, train_run
 
 # 16x16 crops in 4x4 patches; P x K = 2 x 4 crops a batch.
 TINY_VIT = {
@@ -70,6 +71,7 @@ def test_a_vit_run_trains_resumes_refuses_other_settings_and_embeds(
     _check_refusal(config, store)
     _check_embedding_and_evaluation(run, monkeypatch)
     _check_figures(store, tmp_path / "figures")
+    _check_no_mae_figure_without_reconstruction(config, run, tmp_path / "protein")
     _check_export(store, tmp_path / "embeddings", width=2 * 64)
 
 
@@ -254,17 +256,29 @@ def _check_embedding_and_evaluation(run, monkeypatch):
 
 
 def _check_figures(store, out):
-    """`figures` draws what a model without codebooks has: its losses, and
-    the UMAP and map of its pooled embeddings; nothing of codes."""
+    """`figures` draws what a model without codebooks has: its losses, its
+    attention, what its MAE fills in (`subcell` reconstructs), and the UMAP
+    and map of its pooled embeddings; nothing of codes."""
     command = ["figures", "--store", str(store), "--split", "train", "--out", str(out)]
     assert main(command) == 0
     assert {p.name for p in out.glob("*.png")} == {
         "attention_run.png",
         "losses_run.png",
+        "mae_run.png",
         "umap.png",
     }
     page = (out / "map.html").read_text(encoding="utf-8")
     assert "by Euclidean distance of mean attention-pooled embeddings" in page
+
+
+def _check_no_mae_figure_without_reconstruction(config, run, out):
+    """The `protein` objective masks nothing and has no decoder: no
+    `mae_<name>.png` (an untrained state is enough to draw its figures)."""
+    protein = dataclasses.replace(config, objective="protein")
+    state = create_state(protein, run.splits)
+    written = write_model_figures({"protein": (state, None)}, run.splits["train"], out)
+    assert set(written) == {"attention_protein", "umap", "map"}
+    assert not list(out.glob("mae_*.png"))
 
 
 def _check_export(store, out, width):
