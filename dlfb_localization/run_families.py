@@ -25,14 +25,21 @@ import optax
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.protein_batches import (
     iterate_protein_batches,
-    plan_protein_batches,
+    plan_split_batches,
 )
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.model.contrastive import OBJECTIVES
 from dlfb_localization.model.cytoself import CytoselfModel
 from dlfb_localization.model.vit import VIT_SIZES, ViTModel
 
-__all__ = ["MODELS", "VQ_FAMILIES", "Family", "TrainBatches", "vit_learning_rate"]
+__all__ = [
+    "MODELS",
+    "VQ_FAMILIES",
+    "Family",
+    "TrainBatches",
+    "vit_learning_rate",
+    "vit_optimizer",
+]
 
 # `RunConfig` is passed in as `config` (it imports this module).
 Config = Any
@@ -112,37 +119,45 @@ def _adam(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
     return optax.adam(config.learning_rate)
 
 
-def vit_learning_rate(config: Config, steps_per_epoch: int) -> optax.Schedule:
+def vit_learning_rate(learning_rate: float, num_steps: int) -> optax.Schedule:
     """The ViT's learning rate by step, as SubCell warms up then decays it:
-    from 0 linearly up to `config.learning_rate` over `WARMUP_SHARE` of the
-    run's `num_epochs * steps_per_epoch` steps (at least one), then down a
-    cosine to `END_SHARE` of the peak at the run's last step (and there after,
-    should a P x K epoch give a batch more than planned).
+    from 0 linearly up to `learning_rate` over `WARMUP_SHARE` of the run's
+    `num_steps` (at least one step), then down a cosine to `END_SHARE` of it
+    at the run's last step (and there after, should a P x K epoch give a batch
+    more than planned).
 
     A function of the optimizer's own step count, which is checkpointed with
     its state: a resumed run continues the schedule where it stopped.
     """
-    total = config.num_epochs * steps_per_epoch
-    if total < 1:
-        raise ValueError(f"a run needs at least one step, got {total}")
-    warmup = max(1, round(WARMUP_SHARE * total))
+    if num_steps < 1:
+        raise ValueError(f"a run needs at least one step, got {num_steps}")
+    warmup = max(1, round(WARMUP_SHARE * num_steps))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
-        peak_value=config.learning_rate,
+        peak_value=learning_rate,
         warmup_steps=warmup,
-        # optax counts the warm-up in `decay_steps`; the last step is total - 1.
-        decay_steps=max(total - 1, warmup + 1),
-        end_value=END_SHARE * config.learning_rate,
+        # optax counts the warm-up in `decay_steps`; the last step is n - 1.
+        decay_steps=max(num_steps - 1, warmup + 1),
+        end_value=END_SHARE * learning_rate,
+    )
+
+
+def vit_optimizer(
+    learning_rate: float, num_steps: int, weight_decay: float = 0.05
+) -> optax.GradientTransformation:
+    """SubCell's AdamW (betas 0.9 and 0.95) at `vit_learning_rate` over a
+    run of `num_steps` steps."""
+    return optax.adamw(
+        vit_learning_rate(learning_rate, num_steps),
+        b1=0.9,
+        b2=0.95,
+        weight_decay=weight_decay,
     )
 
 
 def _adamw(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-    # SubCell's betas, weight decay and warm-up then decay.
-    return optax.adamw(
-        vit_learning_rate(config, steps_per_epoch),
-        b1=0.9,
-        b2=0.95,
-        weight_decay=config.weight_decay,
+    return vit_optimizer(
+        config.learning_rate, config.num_epochs * steps_per_epoch, config.weight_decay
     )
 
 
@@ -159,14 +174,7 @@ def _vit_batches(config: Config, train_split: Dataset) -> TrainBatches:
     if OBJECTIVES[config.objective].supcon_weight == 0:
         return _shuffled_batches(config, train_split)
     p, k = config.proteins_per_batch, config.crops_per_protein
-    lookup = train_split.labels.lookup
-    plan = plan_protein_batches(
-        lookup["protein_id"].to_numpy(),
-        lookup["fov_id"].to_numpy() if "fov_id" in lookup else np.arange(len(lookup)),
-        p,
-        k,
-        0,
-    )
+    plan = plan_split_batches(train_split, p, k, 0)
     if not len(plan):
         raise ValueError(
             f"the train split gives no batch of {p} proteins x {k} crops; lower "

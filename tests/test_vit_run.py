@@ -110,7 +110,7 @@ def _check_settings_and_optimizer(config, run):
 
 def test_the_vit_learning_rate_warms_up_then_decays_over_the_run():
     config = RunConfig(data="data", num_epochs=4, **TINY_VIT)
-    schedule = vit_learning_rate(config, steps_per_epoch=25)  # 100 steps
+    schedule = vit_learning_rate(config.learning_rate, num_steps=100)
     rates = np.array([float(schedule(step)) for step in range(100)])
     assert rates[0] == 0.0
     # Up over the first 5% of the steps, then down to 1% of the peak at the
@@ -120,8 +120,9 @@ def test_the_vit_learning_rate_warms_up_then_decays_over_the_run():
     assert np.all(np.diff(rates[:6]) > 0) and np.all(np.diff(rates[5:]) < 0)
     np.testing.assert_allclose(rates[-1], 0.01 * config.learning_rate, rtol=1e-4)
 
-    # The family's AdamW steps by it: with a constant gradient (and weights at
-    # zero, so no decay), Adam's bias-corrected step is the rate itself.
+    # The family's AdamW steps by it over 4 epochs of 25 steps: with a
+    # constant gradient (and weights at zero, so no decay), Adam's
+    # bias-corrected step is the rate itself.
     tx = MODELS["vit"].optimizer(config, 25)
     params, grads = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
     opt_state, steps = tx.init(params), []
