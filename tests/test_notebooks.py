@@ -39,6 +39,7 @@ TINY_PARAMETERS = {
     "SAMPLE_PROTEINS": 12,
     "SAMPLE_CROPS_PER_FOV": 6,
     "UNET_DEPTH": 1,
+    "VIT_DEPTH": 1,
 }
 
 
