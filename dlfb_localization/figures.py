@@ -24,7 +24,11 @@ from dlfb_localization.embeddings import (
 )
 from dlfb_localization.files import replace_when_written
 from dlfb_localization.history import History
-from dlfb_localization.inference import can_reconstruct, has_attention_maps
+from dlfb_localization.inference import (
+    can_reconstruct,
+    has_attention_maps,
+    reconstructs_masked_patches,
+)
 from dlfb_localization.inspect.attention import show_attention
 from dlfb_localization.inspect.codebook import plot_codebook_usage
 from dlfb_localization.inspect.embeddings.clustering import (
@@ -37,6 +41,7 @@ from dlfb_localization.inspect.embeddings.feature_spectrum import (
     plot_stacked_histograms,
 )
 from dlfb_localization.inspect.interactive import write_interactive_map
+from dlfb_localization.inspect.mae import show_mae_reconstructions
 from dlfb_localization.inspect.metrics import plot_losses, plot_perplexity
 from dlfb_localization.inspect.reconstruction import show_reconstruction
 from dlfb_localization.scoring import nearest_neighbours
@@ -230,8 +235,10 @@ def write_model_figures(
     frames on its panel of that UMAP (`write_embedding_map`; open it in a
     browser): of `map_model`, by default the first model (the first `--store`
     of the `figures` command). A model without codebooks (a ViT) gets what it
-    has: its losses, `attention_<name>.png` (where its pooling looks) and
-    the UMAP and map of its pooled embeddings (`projected_feature`).
+    has: its losses, `attention_<name>.png` (where its pooling looks),
+    `mae_<name>.png` where its objective reconstructs (masked crops, the
+    decoder's fill and the originals) and the UMAP and map of its pooled
+    embeddings (`projected_feature`).
 
     Args:
       models: name -> (state, training metrics or None).
@@ -269,6 +276,10 @@ def write_model_figures(
             fig = show_attention(dataset_split, state, n=8, rng=rng)
             fig.suptitle(f"{titles[name]}: where the pooling looks", y=1.02)
             save(f"attention_{name}", fig)
+        if reconstructs_masked_patches(state):
+            fig = show_mae_reconstructions(dataset_split, state, n=6, rng=rng)
+            fig.suptitle(f"{titles[name]}: masked patches filled in", y=1.02)
+            save(f"mae_{name}", fig)
         if metrics is not None:
             fig = plot_losses(metrics)
             fig.suptitle(titles[name], y=1.02)

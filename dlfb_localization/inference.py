@@ -5,14 +5,16 @@ or of an in-memory image array and returns its per-frame results, unpadded and
 concatenated on the host. Embeddings (`embeddings`), the reconstruction error
 (`evaluate`), the invariance score (`invariance.score`) and the nucleus models'
 predictions (`nucleus.evaluate`) all run through it. `reconstruct` is a model's
-reconstruction of one batch, for figures and the reconstruction error.
+reconstruction of one batch, for figures and the reconstruction error;
+`attention_maps` and `mae_reconstructions` are a ViT's pooling weights and
+masked-autoencoder predictions of one batch, for figures.
 
 It imports neither plotting nor evaluation code.
 """
 
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +22,21 @@ import numpy as np
 from flax.training.train_state import TrainState
 
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.model.interface import model_of
+from dlfb_localization.model.interface import AUGMENT_STREAM, model_of
+from dlfb_localization.model.vit.layers import patchify, unpatchify
+from dlfb_localization.model.vit.mae import denormalise_patches
+from dlfb_localization.model.vq_family import prepare_images, restore_images
 
 __all__ = [
+    "MAEReconstruction",
+    "attention_maps",
     "can_reconstruct",
+    "has_attention_maps",
     "iterate_inference_batches",
+    "mae_reconstructions",
     "map_frames",
     "reconstruct",
+    "reconstructs_masked_patches",
     "squared_errors",
 ]
 
@@ -200,3 +210,97 @@ def attention_maps(state: TrainState, images: jax.Array) -> jax.Array:
     """`[b, rows, cols, heads]` pooling weights on each image's patch grid
     (each head's sum to one), from the model's `attention_maps`."""
     return _attention_jit(state.apply_fn, state.params, images)
+
+
+class MAEReconstruction(NamedTuple):
+    """A masked autoencoder's view of a batch.
+
+    Attributes:
+      reconstructions: `[b, h, w, c]` float32 on the images' scale: the
+        images' own pixels at the kept patches, the decoder's predictions at
+        the masked ones.
+      mask: `[b, h / p, w / p]` bool patch grid, True at masked patches.
+    """
+
+    reconstructions: jax.Array
+    mask: jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _mae_jit(
+    apply_fn, patch_size: int, standardize: bool, params, images: jax.Array, rng
+) -> MAEReconstruction:
+    outputs = apply_fn(
+        {"params": params},
+        images,
+        is_training=False,
+        rngs={AUGMENT_STREAM: rng},
+        method="compute_outputs",
+    )
+    # With a contrastive task there are two copies of each crop, masked apart:
+    # the first is enough.
+    b, h, w = images.shape[:3]
+    grid = (h // patch_size, w // patch_size)
+    masked = outputs.mask[:b] > 0
+    # The decoder predicted each patch of the standardised crop standardised
+    # on its own (`normalise_patches`): back to the crop's standardised scale
+    # with that patch's moments, then to the images' scale.
+    view = prepare_images(images.astype(jnp.float32), standardize)
+    predicted = denormalise_patches(outputs.predictions[:b], patchify(view, patch_size))
+    predicted = restore_images(
+        unpatchify(predicted, patch_size, grid), images, standardize
+    )
+    hidden = jnp.repeat(
+        jnp.repeat(masked.reshape(b, *grid), patch_size, 1), patch_size, 2
+    )
+    reconstructions = jnp.where(hidden[..., None], predicted, images)
+    return MAEReconstruction(reconstructions, masked.reshape(b, *grid))
+
+
+def reconstructs_masked_patches(state: TrainState) -> bool:
+    """Whether the state's model is a masked autoencoder: a ViT whose
+    objective reconstructs (`Objective.reconstructs`)."""
+    objective = getattr(model_of(state), "objective", None)
+    return bool(getattr(objective, "reconstructs", False))
+
+
+def mae_reconstructions(
+    state: TrainState, images: jax.Array, rng: jax.Array | int = 0
+) -> MAEReconstruction:
+    """A ViT's masked-autoencoder reconstruction of `[b, h, w, c]` images.
+
+    As at evaluation (no augmentation), each image loses a random share of its
+    patches, the model's mask ratio, and the decoder predicts them from the
+    rest. Its predictions are of per-patch standardised targets, so each is
+    put back with the moments of the patch it replaces (MAE's figures); the
+    kept patches are the images' own.
+
+    Args:
+      state: `TrainState` of a model that reconstructs masked patches
+        (`reconstructs_masked_patches`).
+      images: `[b, h, w, c]` float32 crops.
+      rng: JAX key or int seed of the masks (default 0: the same masks every
+        call).
+
+    Returns:
+      `MAEReconstruction` (reconstructions and the mask on the patch grid).
+
+    Raises:
+      ValueError: the model does not reconstruct masked patches.
+    """
+    if not reconstructs_masked_patches(state):
+        raise ValueError(
+            "the model does not reconstruct masked patches (a ViT whose objective "
+            "reconstructs, e.g. 'mae' or 'subcell')"
+        )
+    model = model_of(state)
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    return _mae_jit(
+        state.apply_fn,
+        model.patch_size,
+        model.standardize_inputs,
+        state.params,
+        jnp.asarray(images, jnp.float32),
+        rng,
+    )

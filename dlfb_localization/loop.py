@@ -161,6 +161,7 @@ def fit(
     config: Mapping[str, Any] | None = None,
     losses: Sequence[str] = ("total_loss",),
     batches: Callable[[jax.Array], Iterable[Batch]] | None = None,
+    steps_per_epoch: int | None = None,
 ) -> tuple[State, History]:
     """Trains `state` epoch by epoch with `step`, optionally checkpointed.
 
@@ -211,8 +212,11 @@ def fit(
       batches: `batches(fold_in(rng_data, epoch))` -> the epoch's training
         batches of `batch_size` frames, in place of `train_split`'s shuffled
         ones (e.g. P proteins x K crops); a pure function of its key, as a
-        resumed run must repeat them. The progress bar still counts
-        `len(train_split) // batch_size` steps an epoch.
+        resumed run must repeat them.
+      steps_per_epoch: the steps the progress bar expects an epoch to take
+        (default `len(train_split) // batch_size`, the shuffled batches'
+        count); pass the count of `batches`' epochs. An epoch that took
+        another number of steps corrects the bar's total when it ends.
 
     Returns:
       `(state, metrics)`: the final state and `metrics[split][name]`, a list of
@@ -263,7 +267,8 @@ def fit(
                 "" if store_path is None else f", checkpointed in {store_path}",
             )
 
-        steps_per_epoch = len(train_split) // batch_size
+        if steps_per_epoch is None:
+            steps_per_epoch = len(train_split) // batch_size
         bar = tqdm(
             total=num_epochs * steps_per_epoch,
             initial=start_epoch * steps_per_epoch,
@@ -280,10 +285,15 @@ def fit(
                     epoch_batches = batches(rng_epoch)
                 # Reads and host-to-device copies overlap with the running step.
                 sharding = parallel.batch_sharding(batch_size)
+                taken = 0
                 for batch in prefetch_to_device(epoch_batches, device=sharding):
                     state, metrics = step(state, _model_inputs(batch))
                     history.log_step("train", metrics, weight=len(batch["labels"]))
                     bar.update()
+                    taken += 1
+                if taken != steps_per_epoch:  # a P x K draw gave another count
+                    bar.total += taken - steps_per_epoch
+                    bar.refresh()
 
                 if evaluate is not None and (
                     epoch % eval_every == 0 or epoch == num_epochs - 1

@@ -4,10 +4,10 @@ from a run's settings: its module, its optimizer and its training batches.
 The VQ-VAE families (the chapter's `LocalizationModel` and `CytoselfModel`)
 train with Adam on the split's shuffled batches, as the chapter does. The
 ViT trains as SubCell does: AdamW (betas 0.9 and 0.95, weight decay 0.05,
-learning rate 1e-4) and, when its objective has the protein-specific
-(supervised contrastive) task, batches of P proteins x K crops, so that every
-batch holds positives. The run's code (`runs`, `train`) asks this table, never
-which family it holds.
+learning rate 1e-4, warmed up then decayed: `vit_learning_rate`) and, when
+its objective has the protein-specific (supervised contrastive) task,
+batches of P proteins x K crops, so that every batch holds positives. The
+run's code (`runs`, `train`) asks this table, never which family it holds.
 
 Adding a family: its module under `model/` (`model.interface`) and an entry
 in `MODELS`.
@@ -25,14 +25,21 @@ import optax
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.protein_batches import (
     iterate_protein_batches,
-    plan_protein_batches,
+    plan_split_batches,
 )
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.model.contrastive import OBJECTIVES
 from dlfb_localization.model.cytoself import CytoselfModel
 from dlfb_localization.model.vit import VIT_SIZES, ViTModel
 
-__all__ = ["MODELS", "VQ_FAMILIES", "Family", "TrainBatches"]
+__all__ = [
+    "MODELS",
+    "VQ_FAMILIES",
+    "Family",
+    "TrainBatches",
+    "vit_learning_rate",
+    "vit_optimizer",
+]
 
 # `RunConfig` is passed in as `config` (it imports this module).
 Config = Any
@@ -45,10 +52,15 @@ class TrainBatches(NamedTuple):
       batch_size: frames per step.
       batches: `batches(key)` -> one epoch's batches (`train.train`'s
         `batches`), or None for the split's shuffled batches.
+      steps_per_epoch: batches an epoch gives: `len(train_split) //
+        batch_size` for shuffled batches; for P x K batches, the count of one
+        plan (seed 0), as another epoch's draw can leave a batch more or
+        fewer (`plan_protein_batches`).
     """
 
     batch_size: int
     batches: Callable[[jax.Array], Iterable[dict]] | None
+    steps_per_epoch: int
 
 
 class Family(NamedTuple):
@@ -58,14 +70,16 @@ class Family(NamedTuple):
       build: `build(config, common, init_sample)` -> the module; `common` holds
         the settings every VQ family shares (`runs.build_model`),
         `init_sample()` a seeded sample of training frames.
-      optimizer: `optimizer(config)` -> the optax transformation.
+      optimizer: `optimizer(config, steps_per_epoch)` -> the optax
+        transformation; `steps_per_epoch` is `TrainBatches.steps_per_epoch`
+        (what a schedule over the run's steps needs).
       learning_rate: the learning rate a run gets when it names none.
       train_batches: `train_batches(config, train_split)` -> `TrainBatches`;
         raises ValueError if the split cannot give them.
     """
 
     build: Callable[[Config, dict, Callable[[], np.ndarray]], nn.Module]
-    optimizer: Callable[[Config], optax.GradientTransformation]
+    optimizer: Callable[[Config, int], optax.GradientTransformation]
     learning_rate: float
     train_batches: Callable[[Config, Dataset], TrainBatches]
 
@@ -93,19 +107,62 @@ def _vit_model(config: Config, common: dict, init_sample) -> nn.Module:
     )
 
 
-def _adam(config: Config) -> optax.GradientTransformation:
+# The ViT's schedule: linear warm-up over this share of the run's steps (at
+# least one), then cosine decay to this share of the peak at its last step.
+WARMUP_SHARE = 0.05
+END_SHARE = 0.01
+
+
+def _adam(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    # The chapter's constant rate: the VQ families' runs stay what they were.
+    del steps_per_epoch
     return optax.adam(config.learning_rate)
 
 
-def _adamw(config: Config) -> optax.GradientTransformation:
-    # SubCell's betas; its warm-up and decay are not (yet) used here.
+def vit_learning_rate(learning_rate: float, num_steps: int) -> optax.Schedule:
+    """The ViT's learning rate by step, as SubCell warms up then decays it:
+    from 0 linearly up to `learning_rate` over `WARMUP_SHARE` of the run's
+    `num_steps` (at least one step), then down a cosine to `END_SHARE` of it
+    at the run's last step (and there after, should a P x K epoch give a batch
+    more than planned).
+
+    A function of the optimizer's own step count, which is checkpointed with
+    its state: a resumed run continues the schedule where it stopped.
+    """
+    if num_steps < 1:
+        raise ValueError(f"a run needs at least one step, got {num_steps}")
+    warmup = max(1, round(WARMUP_SHARE * num_steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=learning_rate,
+        warmup_steps=warmup,
+        # optax counts the warm-up in `decay_steps`; the last step is n - 1.
+        decay_steps=max(num_steps - 1, warmup + 1),
+        end_value=END_SHARE * learning_rate,
+    )
+
+
+def vit_optimizer(
+    learning_rate: float, num_steps: int, weight_decay: float = 0.05
+) -> optax.GradientTransformation:
+    """SubCell's AdamW (betas 0.9 and 0.95) at `vit_learning_rate` over a
+    run of `num_steps` steps."""
     return optax.adamw(
-        config.learning_rate, b1=0.9, b2=0.95, weight_decay=config.weight_decay
+        vit_learning_rate(learning_rate, num_steps),
+        b1=0.9,
+        b2=0.95,
+        weight_decay=weight_decay,
+    )
+
+
+def _adamw(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    return vit_optimizer(
+        config.learning_rate, config.num_epochs * steps_per_epoch, config.weight_decay
     )
 
 
 def _shuffled_batches(config: Config, train_split: Dataset) -> TrainBatches:
-    return TrainBatches(config.batch_size, None)
+    return TrainBatches(config.batch_size, None, len(train_split) // config.batch_size)
 
 
 def _vit_batches(config: Config, train_split: Dataset) -> TrainBatches:
@@ -117,21 +174,16 @@ def _vit_batches(config: Config, train_split: Dataset) -> TrainBatches:
     if OBJECTIVES[config.objective].supcon_weight == 0:
         return _shuffled_batches(config, train_split)
     p, k = config.proteins_per_batch, config.crops_per_protein
-    lookup = train_split.labels.lookup
-    plan = plan_protein_batches(
-        lookup["protein_id"].to_numpy(),
-        lookup["fov_id"].to_numpy() if "fov_id" in lookup else np.arange(len(lookup)),
-        p,
-        k,
-        0,
-    )
+    plan = plan_split_batches(train_split, p, k, 0)
     if not len(plan):
         raise ValueError(
             f"the train split gives no batch of {p} proteins x {k} crops; lower "
             "--proteins-per-batch or --crops-per-protein"
         )
     return TrainBatches(
-        p * k, functools.partial(iterate_protein_batches, train_split, p, k)
+        p * k,
+        functools.partial(iterate_protein_batches, train_split, p, k),
+        len(plan),
     )
 
 

@@ -159,11 +159,14 @@ def _init_sample(config: RunConfig, splits: dict[str, Dataset]) -> np.ndarray:
 
 def create_state(config: RunConfig, splits: dict[str, Dataset]) -> ModelState:
     """The initial train state of the run's model and its family's optimizer
-    (`run_families.MODELS`: Adam for the VQ families, AdamW for the ViT)."""
+    (`run_families.MODELS`: Adam for the VQ families, AdamW with a warm-up and
+    decay over the run's steps for the ViT)."""
+    family = MODELS[config.model]
+    plan = family.train_batches(config, splits["train"])
     return build_model(config, splits).create_train_state(
         rng=_keys(config.seed).init,
         dummy_input=splits["train"].get_dummy_input(),
-        tx=MODELS[config.model].optimizer(config),
+        tx=family.optimizer(config, plan.steps_per_epoch),
         init_images=_init_sample(config, splits) if config.kmeans_init else None,
     )
 
@@ -251,6 +254,7 @@ def train_run(
             augment=config.augment,
             settings=config.settings(),
             batches=plan.batches,
+            steps_per_epoch=plan.steps_per_epoch,
         )
         write_json(metrics, store / METRICS_FILE)
     return Run(config, splits, state, metrics, _keys(config.seed).frames)

@@ -400,6 +400,7 @@ def train(
     *,
     settings: Mapping[str, Any] | None = None,
     batches: Callable[[jax.Array], Iterable[Batch]] | None = None,
+    steps_per_epoch: int | None = None,
 ) -> tuple[TrainState, History]:
     """Trains a model family (`model.interface`) epoch by epoch: a VQ-VAE,
     optionally with its protein-id head, or a ViT.
@@ -440,6 +441,8 @@ def train(
       batches: `batches(fold_in(rng_data, epoch))` -> that epoch's training
         batches of `batch_size` frames (e.g. P proteins x K crops,
         `dataset.protein_batches`), or None for the split's shuffled batches.
+      steps_per_epoch: how many batches `batches` gives an epoch, for the
+        progress bar (`loop.fit`); default the shuffled batches' count.
 
     Returns:
       `(state, metrics)`: the final state and `metrics[split][name]`, a list of
@@ -500,4 +503,5 @@ def train(
         store_path=store_path,
         config=config,
         batches=batches,
+        steps_per_epoch=steps_per_epoch,
     )

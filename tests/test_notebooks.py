@@ -43,6 +43,7 @@ TINY_PARAMETERS = {
     "SAMPLE_IMAGE_SIZE": 32,
     "IMAGE_SIZE": 16,  # 07's crops, resized
     "UNET_DEPTH": 1,
+    "VIT_DEPTH": 1,
 }
 
 

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import pytest
@@ -16,6 +17,11 @@ from dlfb_localization.dataset.protein_batches import (
     iterate_protein_batches,
     plan_protein_batches,
 )
+from dlfb_localization.inference import (
+    mae_reconstructions,
+    reconstructs_masked_patches,
+)
+from dlfb_localization.inspect.mae import show_mae_reconstructions
 from dlfb_localization.model.contrastive import (
     OBJECTIVES,
     AugmentOptions,
@@ -34,6 +40,7 @@ from dlfb_localization.model.vit import (
     ViTSize,
     compute_reconstruction_loss,
     count_kept,
+    denormalise_patches,
     normalise_patches,
     patchify,
     random_masking,
@@ -527,3 +534,78 @@ def test_the_objective_decides_which_parts_exist(objective, parts, loss_names):
     kept = 8 if objective == "mae" else 16  # mask ratio 0.5 of 16 patches, or 0
     assert outputs.attention.shape == (views * 4, kept, 2)
     assert set(losses) == loss_names
+
+
+# --- the MAE figure -------------------------------------------------------------
+
+
+def test_denormalise_patches_inverts_normalise_patches():
+    patches = jax.random.normal(jax.random.key(0), (2, 5, 12)) * 3.0 + 7.0
+    restored = denormalise_patches(normalise_patches(patches), patches)
+    np.testing.assert_allclose(restored, patches, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("objective", "n_masked"), [("mae", 8), ("subcell", 4)])
+def test_mae_reconstructions_paste_predictions_into_the_kept_patches(
+    tiny_batch, objective, n_masked
+):
+    model = ViTModel(size=TINY, patch_size=4, objective=OBJECTIVES[objective])
+    images = np.asarray(tiny_batch.images.frames)
+    state = model.create_train_state(jax.random.key(0), images[:1], optax.adam(1e-3))
+    assert reconstructs_masked_patches(state)
+    result = mae_reconstructions(state, images, rng=3)
+    recon, mask = np.asarray(result.reconstructions), np.asarray(result.mask)
+    assert recon.shape == images.shape and mask.shape == (8, 4, 4)
+    # The model's mask ratio of the 16 patches (0.5, or SubCell's 0.25).
+    np.testing.assert_array_equal(mask.sum(axis=(1, 2)), n_masked)
+    hidden = np.repeat(np.repeat(mask, 4, 1), 4, 2)[..., None]
+    hidden = np.broadcast_to(hidden, images.shape)
+    np.testing.assert_array_equal(recon[~hidden], images[~hidden])  # exactly
+    assert not np.allclose(recon[hidden], images[hidden])
+
+    # The masks are the model's own (its first view's), and the masked
+    # patches its predictions, each on its patch's scale in the standardised
+    # crop, then on the crop's.
+    outputs = model.apply(
+        {"params": state.params},
+        images,
+        is_training=False,
+        rngs={AUGMENT_STREAM: jax.random.key(3)},
+        method="compute_outputs",
+    )
+    np.testing.assert_array_equal(
+        np.asarray(outputs.mask[:8]).reshape(mask.shape), mask
+    )
+    mean = images.mean(axis=(1, 2), keepdims=True)
+    std = images.std(axis=(1, 2), keepdims=True)
+    view = (images - mean) / std
+    expected = denormalise_patches(outputs.predictions[:8], patchify(view, 4))
+    expected = np.asarray(unpatchify(expected, 4, (4, 4))) * std + mean
+    np.testing.assert_allclose(recon[hidden], expected[hidden], rtol=1e-4, atol=1e-4)
+    again = mae_reconstructions(state, images, rng=3)
+    np.testing.assert_array_equal(np.asarray(again.mask), mask)
+    other = mae_reconstructions(state, images, rng=4)
+    assert not np.array_equal(np.asarray(other.mask), mask)
+
+
+def test_the_mae_figure_shows_three_panels_a_frame_and_only_for_reconstruction(
+    tiny_batch,
+):
+    images = tiny_batch.images.frames[:1]
+    state = ViTModel(
+        size=TINY, patch_size=4, objective=OBJECTIVES["mae"]
+    ).create_train_state(jax.random.key(0), images, optax.adam(1e-3))
+    fig = show_mae_reconstructions(tiny_batch, state, n=4, rng=0, channel=1)
+    assert len(fig.axes) == 4 * 3
+    # The masked panel blanks half the patches; the other two show them all.
+    masked = fig.axes[0].get_images()[0].get_array()
+    assert np.ma.count_masked(masked) == 8 * 4 * 4
+    assert np.ma.count_masked(fig.axes[2].get_images()[0].get_array()) == 0
+    plt.close(fig)
+
+    protein = ViTModel(
+        size=TINY, patch_size=4, objective=OBJECTIVES["protein"]
+    ).create_train_state(jax.random.key(0), images, optax.adam(1e-3))
+    assert not reconstructs_masked_patches(protein)
+    with pytest.raises(ValueError, match="does not reconstruct"):
+        mae_reconstructions(protein, tiny_batch.images.frames)

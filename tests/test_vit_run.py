@@ -2,20 +2,26 @@
 refused under other settings, embedded and evaluated, as the VQ families."""
 
 import dataclasses
+from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from conftest import assert_same_tree
+from flax.training.train_state import TrainState
 
 from dlfb_localization import evaluate as evaluate_module
 from dlfb_localization import loop
 from dlfb_localization.checkpoint import ConfigMismatchError
 from dlfb_localization.cli import main
+from dlfb_localization.dataset import Dataset
 from dlfb_localization.embeddings import get_frame_embeddings
 from dlfb_localization.evaluate import evaluate
-from dlfb_localization.runs import RunConfig, load_run, train_run
+from dlfb_localization.figures import write_model_figures
+from dlfb_localization.run_families import MODELS, vit_learning_rate
+from dlfb_localization.runs import RunConfig, create_state, load_run, train_run
 
 # 16x16 crops in 4x4 patches; P x K = 2 x 4 crops a batch.
 TINY_VIT = {
@@ -65,6 +71,7 @@ def test_a_vit_run_trains_resumes_refuses_other_settings_and_embeds(
     _check_refusal(config, store)
     _check_embedding_and_evaluation(run, monkeypatch)
     _check_figures(store, tmp_path / "figures")
+    _check_no_mae_figure_without_reconstruction(config, run, tmp_path / "protein")
     _check_export(store, tmp_path / "embeddings", width=2 * 64)
 
 
@@ -81,12 +88,117 @@ def _check_settings_and_optimizer(config, run):
     assert {"recon_loss", "nt_xent_loss", "supcon_loss"} <= set(history)
     assert np.isfinite(history["total_loss"][-1]["mean"])
     assert int(run.state.step) > 0
-    # SubCell's AdamW (its chain has a weight-decay stage Adam's lacks).
-    adamw = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
+    # SubCell's AdamW (its chain has a weight-decay stage Adam's lacks), its
+    # rate a schedule whose count went along with the run's steps.
+    adamw = optax.adamw(lambda count: 1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
     structure = jax.tree.structure(adamw.init(run.state.params))
     assert jax.tree.structure(run.state.opt_state) == structure
+    constant = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
+    assert jax.tree.structure(constant.init(run.state.params)) != structure
     adam = jax.tree.structure(optax.adam(1e-4).init(run.state.params))
     assert adam != structure
+    counts = [
+        int(leaf.count)
+        for leaf in jax.tree.leaves(
+            run.state.opt_state,
+            is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState),
+        )
+        if isinstance(leaf, optax.ScaleByScheduleState)
+    ]
+    assert counts == [int(run.state.step)]
+
+
+def test_the_vit_learning_rate_warms_up_then_decays_over_the_run():
+    config = RunConfig(data="data", num_epochs=4, **TINY_VIT)
+    schedule = vit_learning_rate(config.learning_rate, num_steps=100)
+    rates = np.array([float(schedule(step)) for step in range(100)])
+    assert rates[0] == 0.0
+    # Up over the first 5% of the steps, then down to 1% of the peak at the
+    # last step.
+    assert int(np.argmax(rates)) == 5
+    np.testing.assert_allclose(rates[5], config.learning_rate, rtol=1e-6)
+    assert np.all(np.diff(rates[:6]) > 0) and np.all(np.diff(rates[5:]) < 0)
+    np.testing.assert_allclose(rates[-1], 0.01 * config.learning_rate, rtol=1e-4)
+
+    # The family's AdamW steps by it over 4 epochs of 25 steps: with a
+    # constant gradient (and weights at zero, so no decay), Adam's
+    # bias-corrected step is the rate itself.
+    tx = MODELS["vit"].optimizer(config, 25)
+    params, grads = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+    opt_state, steps = tx.init(params), []
+    for _ in range(8):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        steps.append(-float(updates["w"][0]))
+    np.testing.assert_allclose(steps, rates[:8], rtol=1e-6)
+
+    # The VQ families' Adam keeps the chapter's constant 1e-3.
+    chapter = RunConfig(data="data", num_epochs=4)
+    tx = MODELS["chapter"].optimizer(chapter, 25)
+    opt_state, steps = tx.init(params), []
+    for _ in range(3):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        steps.append(-float(updates["w"][0]))
+    np.testing.assert_allclose(steps, 1e-3, rtol=1e-4)
+
+
+class _Bar:
+    """Records what `loop.fit` tells its progress bar."""
+
+    bars: ClassVar[list] = []
+
+    def __init__(self, total, initial, unit):
+        self.total, self.n = total, initial
+        _Bar.bars.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self):
+        self.n += 1
+
+    def refresh(self):
+        pass
+
+    def set_description(self, text):
+        pass
+
+    def set_postfix_str(self, text):
+        pass
+
+
+def test_the_progress_bar_counts_the_steps_the_batches_give(monkeypatch):
+    """Three batches an epoch, where the split's shuffled ones would be six;
+    an epoch of two corrects the total."""
+    split = Dataset.from_arrays(
+        np.zeros((12, 4, 4, 1), np.float32), np.zeros(12, np.int32)
+    )
+    sizes = iter([3, 2])
+
+    def batches(rng):
+        for _ in range(next(sizes)):
+            yield next(split.get_batches(rng, 2))
+
+    def step(state, batch):
+        return state.replace(step=state.step + 1), {"total_loss": jnp.float32(0)}
+
+    monkeypatch.setattr(loop, "tqdm", _Bar)
+    _Bar.bars.clear()
+    state = TrainState(step=0, apply_fn=None, params={}, tx=None, opt_state=None)
+    state, _ = loop.fit(
+        state,
+        step,
+        split,
+        jax.random.key(0),
+        num_epochs=2,
+        batch_size=2,
+        batches=batches,
+        steps_per_epoch=3,
+    )
+    (bar,) = _Bar.bars
+    assert int(state.step) == bar.n == bar.total == 5
 
 
 def test_the_vq_families_record_nothing_of_the_vit():
@@ -145,17 +257,29 @@ def _check_embedding_and_evaluation(run, monkeypatch):
 
 
 def _check_figures(store, out):
-    """`figures` draws what a model without codebooks has: its losses, and
-    the UMAP and map of its pooled embeddings; nothing of codes."""
+    """`figures` draws what a model without codebooks has: its losses, its
+    attention, what its MAE fills in (`subcell` reconstructs), and the UMAP
+    and map of its pooled embeddings; nothing of codes."""
     command = ["figures", "--store", str(store), "--split", "train", "--out", str(out)]
     assert main(command) == 0
     assert {p.name for p in out.glob("*.png")} == {
         "attention_run.png",
         "losses_run.png",
+        "mae_run.png",
         "umap.png",
     }
     page = (out / "map.html").read_text(encoding="utf-8")
     assert "by Euclidean distance of mean attention-pooled embeddings" in page
+
+
+def _check_no_mae_figure_without_reconstruction(config, run, out):
+    """The `protein` objective masks nothing and has no decoder: no
+    `mae_<name>.png` (an untrained state is enough to draw its figures)."""
+    protein = dataclasses.replace(config, objective="protein")
+    state = create_state(protein, run.splits)
+    written = write_model_figures({"protein": (state, None)}, run.splits["train"], out)
+    assert set(written) == {"attention_protein", "umap", "map"}
+    assert not list(out.glob("mae_*.png"))
 
 
 def _check_export(store, out, width):

@@ -21,7 +21,7 @@ import numpy as np
 from dlfb_localization.dataset.batches import numpy_rng
 from dlfb_localization.dataset.dataset import Dataset
 
-__all__ = ["iterate_protein_batches", "plan_protein_batches"]
+__all__ = ["iterate_protein_batches", "plan_protein_batches", "plan_split_batches"]
 
 
 def _check_request(
@@ -128,6 +128,23 @@ def plan_protein_batches(
     return np.asarray(batches, dtype=np.int64).reshape(-1, width)
 
 
+def plan_split_batches(
+    dataset: Dataset, proteins_per_batch: int, crops_per_protein: int, rng
+) -> np.ndarray:
+    """`plan_protein_batches` of a split's crops: `[n_batches, P * K]`
+    positions into the split. Fields of view come from the label table's
+    `fov_id` column; without one, every crop counts as its own field, so
+    groups mix fields. `len` of it is the epoch's number of batches."""
+    lookup = dataset.labels.lookup
+    protein_ids = lookup["protein_id"].to_numpy()
+    fov_ids = (
+        lookup["fov_id"].to_numpy() if "fov_id" in lookup else np.arange(len(lookup))
+    )
+    return plan_protein_batches(
+        protein_ids, fov_ids, proteins_per_batch, crops_per_protein, rng
+    )
+
+
 def iterate_protein_batches(
     dataset: Dataset, proteins_per_batch: int, crops_per_protein: int, rng
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -135,8 +152,7 @@ def iterate_protein_batches(
     as `Dataset.get_batches` does: `{"frame_ids": [P*K] int64, "images":
     [P*K, h, w, c] float32, "labels": [P*K] int32}`, protein by protein.
 
-    Fields of view come from the label table's `fov_id` column; without one,
-    every crop counts as its own field, so groups mix fields.
+    The plan is `plan_split_batches`'s.
 
     Args:
       dataset: the split (its frames are read from its memory map).
@@ -144,14 +160,7 @@ def iterate_protein_batches(
       crops_per_protein: K.
       rng: JAX key or int seed; the same key gives the same batches.
     """
-    lookup = dataset.labels.lookup
-    protein_ids = lookup["protein_id"].to_numpy()
-    fov_ids = (
-        lookup["fov_id"].to_numpy() if "fov_id" in lookup else np.arange(len(lookup))
-    )
-    plan = plan_protein_batches(
-        protein_ids, fov_ids, proteins_per_batch, crops_per_protein, rng
-    )
+    plan = plan_split_batches(dataset, proteins_per_batch, crops_per_protein, rng)
     frame_ids, codes = dataset.labels.frame_ids, dataset.labels.codes
     frames = dataset.images.frames
     for positions in plan:

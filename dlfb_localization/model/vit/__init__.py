@@ -17,6 +17,7 @@ from dlfb_localization.model.vit.mae import (
     Masking,
     compute_reconstruction_loss,
     count_kept,
+    denormalise_patches,
     normalise_patches,
     random_masking,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "check_patches",
     "compute_reconstruction_loss",
     "count_kept",
+    "denormalise_patches",
     "normalise_patches",
     "patchify",
     "pool_tokens",

@@ -23,6 +23,7 @@ __all__ = [
     "Masking",
     "compute_reconstruction_loss",
     "count_kept",
+    "denormalise_patches",
     "normalise_patches",
     "random_masking",
 ]
@@ -97,6 +98,25 @@ def normalise_patches(patches: jax.Array) -> jax.Array:
     mean = jnp.mean(patches, axis=-1, keepdims=True)
     var = jnp.var(patches, axis=-1, keepdims=True)
     return (patches - mean) / jnp.sqrt(var + _PATCH_EPSILON)
+
+
+def denormalise_patches(normalised: jax.Array, patches: jax.Array) -> jax.Array:
+    """Puts standardised patches back on the scale of `patches`, each with
+    that patch's own mean and standard deviation: the inverse of
+    `normalise_patches(patches)`, as MAE's figures show predictions of
+    `norm_pix_loss` targets.
+
+    Args:
+      normalised: `[batch, tokens, values]`, e.g. the decoder's predictions.
+      patches: `[batch, tokens, values]` whose per-patch moments to use.
+
+    Returns:
+      float32 `normalised * sqrt(var + 1e-6) + mean`, per patch.
+    """
+    patches = patches.astype(jnp.float32)
+    mean = jnp.mean(patches, axis=-1, keepdims=True)
+    var = jnp.var(patches, axis=-1, keepdims=True)
+    return normalised.astype(jnp.float32) * jnp.sqrt(var + _PATCH_EPSILON) + mean
 
 
 def compute_reconstruction_loss(

@@ -362,8 +362,9 @@ class ViTModel(nn.Module):
           rng: JAX key; the second of three keys initialises the weights, as
             in the VQ families, the third draws the initial pass's views.
           dummy_input: `[1, h, h, c]` array shaped like the data.
-          tx: the optimizer, e.g. SubCell's `optax.adamw(1e-4, b1=0.9,
-            b2=0.95, weight_decay=0.05)`; build it once per run.
+          tx: the optimizer, e.g. SubCell's AdamW with its warm-up and
+            decay, `run_families.vit_optimizer(1e-4, num_steps)`; build it
+            once per run.
           init_images: unused (this family has nothing to fit to data at
             initialisation); accepted for the interface.
 
