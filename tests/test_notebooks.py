@@ -44,6 +44,7 @@ TINY_PARAMETERS = {
     "IMAGE_SIZE": 16,  # 07's crops, resized
     "UNET_DEPTH": 1,
     "VIT_DEPTH": 1,
+    "PATCH_SIZE": 8,  # 09's ViT: 32x32 crops in 4x4 patches
 }
 
 
