@@ -22,11 +22,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from bench_train_step import _matmul_gflops, _peak_rss_mib
 
 from dlfb_localization.model.contrastive import OBJECTIVES
 from dlfb_localization.model.vit import VIT_SIZES, ViTModel
+from dlfb_localization.run_families import vit_optimizer
 from dlfb_localization.train import train_step
 
 
@@ -67,7 +67,8 @@ def main() -> None:
         ),
     }
     rng_init, rng_dropout = jax.random.split(jax.random.key(args.seed))
-    tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
+    # The runs' optimizer: SubCell's AdamW, warmed up then decayed.
+    tx = vit_optimizer(1e-4, args.warmup_steps + args.steps)
     state = model.create_train_state(
         rng_init, np.zeros((1, *shape[1:]), np.float32), tx
     )
