@@ -261,7 +261,8 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_where_it_matters(tiny):
     assert {x.dtype for x in jax.tree.leaves(mixed_params)} == {jnp.dtype("float32")}
 
     def run(m, method, *args):
-        return m.apply({"params": params}, *args, method=method)
+        # One compiled program per call (op by op, this test compiled ~230).
+        return jax.jit(lambda p: m.apply({"params": p}, *args, method=method))(params)
 
     exact = run(model, LocalizationModel.compute_outputs, images, False)
     approx = run(mixed, LocalizationModel.compute_outputs, images, False)
