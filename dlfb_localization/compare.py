@@ -303,8 +303,8 @@ def compare(
     Returns:
       What `compare.json` holds: `settings`, `candidates[name]` (title,
       settings, epochs, training seconds per seed), `scores[name][embedding]
-      [metric]` (`summarise` over seeds) and `chance` (the majority class's
-      k-NN accuracy and the probe's chance macro AP, per seed).
+      [metric]` (`summarise` over seeds) and `chance[metric]` (the majority
+      class's k-NN accuracy, the probe's chance macro-F1 and macro AP).
 
     Raises:
       ValueError: an unknown candidate, no seeds, a repeated seed or
@@ -426,6 +426,9 @@ def _collect(candidates, seeds, plans, results, timings) -> dict:
     first = results[candidates[0]]
     chance = {
         "knn_accuracy": summarise([_chance_knn(seed_scores) for seed_scores in first]),
+        "probe_macro_f1": summarise(
+            [s["labels"]["probe"]["chance_macro_f1"] for s in first]
+        ),
         "probe_macro_ap": summarise(
             [s["labels"]["probe"]["chance_average_precision"] for s in first]
         ),
@@ -506,8 +509,9 @@ def format_table(result: dict) -> str:
     lines += [
         "",
         f"Chance: protein k-NN accuracy {_cell(chance['knn_accuracy'])} (the "
-        f"majority class), probe macro AP {_cell(chance['probe_macro_ap'])} (the "
-        "localizations' mean prevalence).",
+        f"majority class); probe macro-F1 {_cell(chance['probe_macro_f1'])} "
+        "(every protein called positive for every localization) and macro AP "
+        f"{_cell(chance['probe_macro_ap'])} (the localizations' mean prevalence).",
         "",
     ]
     if result["settings"]["epochs"] is None:

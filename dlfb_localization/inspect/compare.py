@@ -14,8 +14,9 @@ def plot_comparison(result: Mapping, metrics: Mapping[str, str]) -> Figure:
     """One panel per metric, one row per candidate and embedding.
 
     Each row is a bar at the mean over seeds, an error bar of one standard
-    deviation and a dot per seed; a dashed line marks chance where the result
-    has it (`result["chance"][metric]`, its mean over seeds).
+    deviation and a dot per seed, in its candidate's colour; a dashed line
+    marks chance where the result has it (`result["chance"][metric]`, its
+    mean over seeds).
 
     Args:
       result: `compare.compare`'s result (`compare.json`).
@@ -25,8 +26,8 @@ def plot_comparison(result: Mapping, metrics: Mapping[str, str]) -> Figure:
       The Figure.
     """
     rows = [
-        (f"{result['candidates'][name]['title']}\n{embedding}", values)
-        for name, embeddings in result["scores"].items()
+        (f"{result['candidates'][name]['title']}\n{embedding}", values, index)
+        for index, (name, embeddings) in enumerate(result["scores"].items())
         for embedding, values in embeddings.items()
     ]
     fig, axes = plt.subplots(
@@ -39,11 +40,11 @@ def plot_comparison(result: Mapping, metrics: Mapping[str, str]) -> Figure:
     positions = np.arange(len(rows))[::-1]
     colours = plt.get_cmap("tab10")
     for ax, (metric, label) in zip(axes[0], metrics.items(), strict=True):
-        for position, (_, values) in zip(positions, rows, strict=True):
+        for position, (_, values, candidate) in zip(positions, rows, strict=True):
             summary = values[metric]
             if summary["mean"] is None:
                 continue
-            colour = colours(int(position) % 10)
+            colour = colours(candidate % 10)
             ax.barh(position, summary["mean"], color=colour, alpha=0.35, height=0.7)
             if summary["std"] is not None:
                 ax.errorbar(
@@ -69,7 +70,7 @@ def plot_comparison(result: Mapping, metrics: Mapping[str, str]) -> Figure:
         ax.set_xlabel(label)
         ax.set_xlim(0, 1)
         ax.grid(axis="x", alpha=0.3)
-    axes[0][0].set_yticks(positions, [name for name, _ in rows], fontsize=7)
+    axes[0][0].set_yticks(positions, [name for name, _, _ in rows], fontsize=7)
     axes[0][0].set_ylim(-0.7, len(rows) - 0.1)
     n_seeds = len(result["settings"]["seeds"])
     fig.suptitle(
