@@ -51,7 +51,8 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from dlfb_localization.compare import compare, format_table
+    from dlfb_localization.compare import compare
+    from dlfb_localization.compare_summary import format_table
 
     result = compare(
         args.data,

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlfb_localization.compare_summary import METRICS, format_table, summarise_scores
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.embeddings import get_frame_embeddings, named_embeddings
@@ -44,12 +45,10 @@ __all__ = [
     "CANDIDATES",
     "COMMON",
     "DEFAULT_CANDIDATES",
-    "METRICS",
     "Candidate",
     "calibrate",
     "compare",
     "epochs_for",
-    "summarise",
 ]
 
 
@@ -103,14 +102,6 @@ COMMON: dict[str, Any] = {
     "batch_size": 32,
     "proteins_per_batch": 8,
     "crops_per_protein": 4,
-}
-# What the table reports of each embedding: protein-level k-NN of the
-# predominant localization ("all" label set) and the multi-label probe.
-METRICS = {
-    "knn_accuracy": "protein k-NN accuracy",
-    "knn_macro_f1": "protein k-NN macro-F1",
-    "probe_macro_f1": "probe macro-F1",
-    "probe_macro_ap": "probe macro AP",
 }
 _CALIBRATION_FILE = "calibration.json"
 _TRAINING_FILE = "training_seconds.json"
@@ -245,30 +236,6 @@ def _features(state, split: Dataset) -> dict[str, np.ndarray]:
     }
 
 
-def _metrics(scores: dict, embedding: str) -> dict[str, float | None]:
-    """`METRICS` of one embedding in `score_localization`'s result."""
-    knn = scores["knn"]["protein"]["all"].get(embedding)
-    probe = scores["probe"].get(embedding)
-    return {
-        "knn_accuracy": None if knn is None else knn["accuracy"],
-        "knn_macro_f1": None if knn is None else knn["macro_f1"],
-        "probe_macro_f1": None if probe is None else probe["macro_f1"],
-        "probe_macro_ap": None if probe is None else probe["macro_average_precision"],
-    }
-
-
-def summarise(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean and sample standard deviation (ddof 1; None below two values) of
-    the defined values, with the values themselves (None where undefined)."""
-    defined = [v for v in values if v is not None]
-    return {
-        "mean": float(np.mean(defined)) if defined else None,
-        "std": float(np.std(defined, ddof=1)) if len(defined) > 1 else None,
-        "n": len(defined),
-        "values": list(values),
-    }
-
-
 def compare(
     data: str | Path,
     eval_data: str | Path,
@@ -303,8 +270,9 @@ def compare(
     Returns:
       What `compare.json` holds: `settings`, `candidates[name]` (title,
       settings, epochs, training seconds per seed), `scores[name][embedding]
-      [metric]` (`summarise` over seeds) and `chance[metric]` (the majority
-      class's k-NN accuracy, the probe's chance macro-F1 and macro AP).
+      [metric]` (`compare_summary.summarise` over seeds) and `chance[metric]`
+      (the majority class's k-NN accuracy, the probe's chance macro-F1 and
+      macro AP).
 
     Raises:
       ValueError: an unknown candidate, no seeds, a repeated seed or
@@ -407,32 +375,8 @@ def _score_candidate(
 
 
 def _collect(candidates, seeds, plans, results, timings) -> dict:
-    """`compare.json`'s content, but its settings, from the per-seed scores."""
-    scores: dict[str, dict] = {}
-    for name in candidates:
-        embeddings = list(results[name][0]["probe"])
-        scores[name] = {
-            embedding: {
-                metric: summarise(
-                    [
-                        _metrics(seed_scores, embedding)[metric]
-                        for seed_scores in results[name]
-                    ]
-                )
-                for metric in METRICS
-            }
-            for embedding in embeddings
-        }
-    first = results[candidates[0]]
-    chance = {
-        "knn_accuracy": summarise([_chance_knn(seed_scores) for seed_scores in first]),
-        "probe_macro_f1": summarise(
-            [s["labels"]["probe"]["chance_macro_f1"] for s in first]
-        ),
-        "probe_macro_ap": summarise(
-            [s["labels"]["probe"]["chance_average_precision"] for s in first]
-        ),
-    }
+    """`compare.json`'s content, but its settings: the candidates' records and
+    `compare_summary.summarise_scores` of their per-seed scores."""
     return {
         "candidates": {
             name: {
@@ -453,73 +397,5 @@ def _collect(candidates, seeds, plans, results, timings) -> dict:
             }
             for name in candidates
         },
-        "scores": scores,
-        "chance": chance,
-        "n_proteins": first[0]["labels"]["all"]["n_proteins"],
-        "n_probe_proteins": first[0]["labels"]["probe"]["n_proteins"],
+        **summarise_scores(results),
     }
-
-
-def _chance_knn(scores: dict) -> float | None:
-    majority = scores["knn"]["protein"]["all"]["majority_class"]
-    return None if majority is None else majority["accuracy"]
-
-
-def _cell(summary: dict) -> str:
-    if summary["mean"] is None:
-        return "-"
-    if summary["std"] is None:
-        return f"{summary['mean']:.3f}"
-    return f"{summary['mean']:.3f} ± {summary['std']:.3f}"
-
-
-def format_table(result: dict) -> str:
-    """`compare.md`: one row per candidate and embedding, mean ± standard
-    deviation over the seeds, with the epochs and training minutes."""
-    seeds = result["settings"]["seeds"]
-    lines = [
-        "# Model comparison",
-        "",
-        f"Scored on {result['n_proteins']} unseen proteins (probe: "
-        f"{result['n_probe_proteins']} annotated); mean ± standard deviation "
-        f"over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}). A run on "
-        "another machine differs within about that spread.",
-        "",
-        "| candidate | embedding | epochs | training min | "
-        + " | ".join(METRICS.values())
-        + " |",
-        "|" + " --- |" * (4 + len(METRICS)),
-    ]
-    for name, embeddings in result["scores"].items():
-        info = result["candidates"][name]
-        epochs, minutes = "-", "-"
-        if "epochs" in info:
-            epochs = str(info["epochs"])
-            spent = [s for s in info["training_seconds"] if s is not None]
-            if spent:
-                minutes = f"{np.mean(spent) / 60:.1f}"
-        for embedding, metrics in embeddings.items():
-            cells = [_cell(metrics[metric]) for metric in METRICS]
-            lines.append(
-                f"| {info['title']} | {embedding} | {epochs} | {minutes} | "
-                + " | ".join(cells)
-                + " |"
-            )
-    chance = result["chance"]
-    lines += [
-        "",
-        f"Chance: protein k-NN accuracy {_cell(chance['knn_accuracy'])} (the "
-        f"majority class); probe macro-F1 {_cell(chance['probe_macro_f1'])} "
-        "(every protein called positive for every localization) and macro AP "
-        f"{_cell(chance['probe_macro_ap'])} (the localizations' mean prevalence).",
-        "",
-    ]
-    if result["settings"]["epochs"] is None:
-        lines.append(
-            f"Each trained run was given about {result['settings']['minutes']:g} "
-            "minute(s) of training on the machine that calibrated it (its epochs "
-            "from its timed training step, `calibration.json`)."
-        )
-    else:
-        lines.append(f"Each trained run trained {result['settings']['epochs']} epochs.")
-    return "\n".join(lines) + "\n"

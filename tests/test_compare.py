@@ -10,7 +10,8 @@ from conftest import write_tiny_release
 
 from dlfb_localization import compare as compare_module
 from dlfb_localization.cli import main
-from dlfb_localization.compare import compare, epochs_for, summarise
+from dlfb_localization.compare import compare, epochs_for
+from dlfb_localization.compare_summary import summarise
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.evaluate import compute_pixel_pca, score_localization
 
