@@ -277,12 +277,12 @@ def test_evaluate_probes_every_embedding_k_nn_scores_at_protein_level(evaluated)
 def test_evaluate_codebook_health_and_mse_recount_the_split(evaluated):
     split, state, result, _ = evaluated
     images = split.images.frames
-    indices = np.asarray(
-        state.apply_fn(
-            {"params": state.params},
-            images,
-            method=LocalizationModel.get_encoding_indices,
-        )
+    indices = np.asarray(  # jitted: op by op, this compiled ~40 programs
+        jax.jit(
+            lambda params, x: state.apply_fn(
+                {"params": params}, x, method=LocalizationModel.get_encoding_indices
+            )
+        )(state.params, images)
     )
     counts = np.bincount(indices.ravel(), minlength=16)
     assert result["codebook"] == pytest.approx(compute_codebook_health(counts))
