@@ -276,8 +276,8 @@ def compare(
 
     Raises:
       ValueError: an unknown candidate, no seeds, a repeated seed or
-        candidate, candidates reading different channels, or minutes or
-        epochs below one.
+        candidate, minutes or epochs below one, or `eval_data`'s frames of
+        another shape than `data`'s; nothing is written to `out`.
       locks.FolderLockedError: another process is writing `out`.
     """
     data, eval_data, out = Path(data), Path(eval_data), Path(out)
@@ -286,9 +286,16 @@ def compare(
         if not folder.is_dir():
             raise FileNotFoundError(f"{flag} folder {folder} does not exist")
     channels = RunConfig(data=str(data), **common).channels
+    split = _evaluation_split(eval_data, channels)
+    trained_on = DatasetBuilder(data, channels=channels).images.frame_shape
+    if split.image_shape != trained_on:
+        raise ValueError(
+            f"eval_data {eval_data} holds frames of {split.image_shape} (height, "
+            f"width, channels) but data {data} holds {trained_on}: score on crops "
+            "of the size the models train on"
+        )
     with lock_folder(out):
         plans = _plan_epochs(candidates, data, seeds[0], minutes, epochs, common, out)
-        split = _evaluation_split(eval_data, channels)
         timing_path = out / _TRAINING_FILE
         timings = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
         results: dict[str, list[dict]] = {name: [] for name in candidates}

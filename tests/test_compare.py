@@ -154,6 +154,14 @@ def test_compare_refuses_bad_arguments_before_writing(
     assert not (tmp_path / "out").exists()
 
 
+def test_compare_refuses_unseen_crops_of_another_size(module_tiny_release, tmp_path):
+    other = tmp_path / "other"
+    write_tiny_release(other, size=20, seed=1)
+    with pytest.raises(ValueError, match=r"\(20, 20, 1\).*\(16, 16, 1\)"):
+        compare(module_tiny_release[0], other, tmp_path / "out", epochs=1)
+    assert not (tmp_path / "out").exists()
+
+
 def test_compare_command_names_a_missing_folder(module_tiny_release, tmp_path, capsys):
     data = module_tiny_release[0]
     code = main(
