@@ -25,12 +25,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dlfb_localization.compare_summary import METRICS, format_table, summarise_scores
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.builder import DatasetBuilder
-from dlfb_localization.embeddings import get_frame_embeddings, named_embeddings
+from dlfb_localization.embeddings import get_frame_embeddings, named_features
 from dlfb_localization.evaluate import compute_pixel_pca, score_localization
 from dlfb_localization.figures import save_figure
 from dlfb_localization.files import write_json, write_text
@@ -228,14 +227,6 @@ def _evaluation_split(eval_data: Path, channels: Sequence[int]) -> Dataset:
     )["evaluation"]
 
 
-def _features(state, split: Dataset) -> dict[str, np.ndarray]:
-    embeddings = get_frame_embeddings(state, split)
-    return {
-        name: embeddings[key].astype(np.float32)
-        for name, key in named_embeddings(embeddings).items()
-    }
-
-
 def compare(
     data: str | Path,
     eval_data: str | Path,
@@ -361,9 +352,8 @@ def _score_candidate(
     seed; records a trained run's training seconds in `timings` (a restored
     run keeps the time it took when it was trained)."""
     if candidate.settings is None:
-        features = {"pixels_pca": compute_pixel_pca(split, random_state=seed)}
-        features = {"pixels_pca": features["pixels_pca"]["features"]}
-        return score_localization(split, features, k=k, random_state=seed)
+        pixels = compute_pixel_pca(split, random_state=seed)["features"]
+        return score_localization(split, {"pixels_pca": pixels}, k=k, random_state=seed)
     if candidate.trained:
         config = _config(candidate, data, seed, plans[name]["epochs"], common)
         folder = out / "runs" / name / f"seed{seed}"
@@ -378,7 +368,8 @@ def _score_candidate(
     else:
         config = _config(candidate, data, seed, 1, common)
         state = create_state(config, build_splits(config))
-    return score_localization(split, _features(state, split), k=k, random_state=seed)
+    features = named_features(get_frame_embeddings(state, split))
+    return score_localization(split, features, k=k, random_state=seed)
 
 
 def _collect(candidates, seeds, plans, results, timings) -> dict:

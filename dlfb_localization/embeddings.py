@@ -11,6 +11,7 @@ that reports it (`inspect.codebook`).
 """
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -44,6 +45,7 @@ __all__ = [
     "iterate_inference_batches",  # from `inference`; documented here first
     "label_tables",
     "named_embeddings",
+    "named_features",
     "protein_localization_sets",
     "protein_localizations",
 ]
@@ -133,6 +135,16 @@ def named_embeddings(keys) -> dict[str, str]:
                 name = f"{level}_{kind}" if level else kind
                 found[(level != "", level, position)] = (name, key)
     return dict(found[order] for order in sorted(found))
+
+
+def named_features(embeddings: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`{evaluation name: [n, d] float32}` of the per-frame embeddings of
+    `get_frame_embeddings`'s result, named as `named_embeddings` names them:
+    what `evaluate.score_localization` takes."""
+    return {
+        name: np.asarray(embeddings[key], dtype=np.float32)
+        for name, key in named_embeddings(embeddings).items()
+    }
 
 
 def histogram_levels(keys) -> dict[str, str]:

@@ -42,7 +42,7 @@ from dlfb_localization.embeddings import (
     frame_protein_ids,
     get_frame_embeddings,
     histogram_levels,
-    named_embeddings,
+    named_features,
     protein_localization_sets,
     protein_localizations,
 )
@@ -300,11 +300,7 @@ def evaluate(
     # The per-frame labels below are in the split's frame-id order; so are these.
     assert np.array_equal(frame_ids, dataset_split.labels.frame_ids)
     assert np.array_equal(pca["frame_ids"], frame_ids)
-    features = {
-        name: embeddings[key].astype(np.float32)
-        for name, key in named_embeddings(embeddings).items()
-    }
-    features["pixels_pca"] = pca["features"]
+    features = {**named_features(embeddings), "pixels_pca": pca["features"]}
     bar.total = 4 + len(features)
     bar.set_postfix_str("k-NN and probe")
     localization = score_localization(

@@ -50,7 +50,7 @@ from dlfb_localization.locks import lock_folder
 from dlfb_localization.loop import check_epochs
 from dlfb_localization.model.interface import ModelState
 from dlfb_localization.run_config import PATHS, RunConfig
-from dlfb_localization.run_families import MODELS
+from dlfb_localization.run_families import MODELS, TrainBatches
 from dlfb_localization.train import check_arguments, train
 
 logger = logging.getLogger(__name__)
@@ -161,12 +161,19 @@ def create_state(config: RunConfig, splits: dict[str, Dataset]) -> ModelState:
     """The initial train state of the run's model and its family's optimizer
     (`run_families.MODELS`: Adam for the VQ families, AdamW with a warm-up and
     decay over the run's steps for the ViT)."""
-    family = MODELS[config.model]
-    plan = family.train_batches(config, splits["train"])
+    plan = MODELS[config.model].train_batches(config, splits["train"])
+    return _initial_state(config, splits, plan)
+
+
+def _initial_state(
+    config: RunConfig, splits: dict[str, Dataset], plan: TrainBatches
+) -> ModelState:
+    """`create_state` given the run's training batches (`plan`), which the
+    optimizer's schedule counts steps of."""
     return build_model(config, splits).create_train_state(
         rng=_keys(config.seed).init,
         dummy_input=splits["train"].get_dummy_input(),
-        tx=family.optimizer(config, plan.steps_per_epoch),
+        tx=MODELS[config.model].optimizer(config, plan.steps_per_epoch),
         init_images=_init_sample(config, splits) if config.kmeans_init else None,
     )
 
@@ -232,8 +239,8 @@ def train_run(
     with lock_folder(store):
         _check_stored_config(config, store)
         splits = build_splits(config, progress=progress)
-        state = create_state(config, splits)
         plan = MODELS[config.model].train_batches(config, splits["train"])
+        state = _initial_state(config, splits, plan)
         check_arguments(
             splits,
             config.num_epochs,
