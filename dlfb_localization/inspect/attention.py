@@ -1,15 +1,12 @@
 """Where a ViT's attention pooling looks: crops with each head's weights."""
 
-import math
-
-import matplotlib.pyplot as plt
 import numpy as np
 from flax.training.train_state import TrainState
 from matplotlib.figure import Figure
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.inference import attention_maps
-from dlfb_localization.inspect.frames import frame_titles
+from dlfb_localization.inspect.frames import frame_panels, frame_titles
 
 __all__ = ["show_attention"]
 
@@ -48,27 +45,17 @@ def show_attention(
     heads = weights.shape[-1]
     titles = frame_titles(dataset_split, frame_ids)
 
-    per_row = min(n, _FRAMES_PER_ROW)
-    rows = math.ceil(n / per_row)
-    width = heads + 1
-    fig = plt.figure(figsize=(1.9 * width * per_row, 2.3 * rows))
-    grid = fig.add_gridspec(
-        rows,
-        (width + 1) * per_row - 1,
-        width_ratios=(([1.0] * width + [0.25]) * per_row)[:-1],
-        wspace=0.05,
-    )
+    fig, axes = frame_panels(n, 1 + heads, _FRAMES_PER_ROW)
     height, side = images.shape[1:3]
     for i in range(n):
-        row, column = divmod(i, per_row)
         image = images[i, ..., channel]
-        ax = fig.add_subplot(grid[row, (width + 1) * column])
+        ax = axes(i, 0)
         ax.imshow(image, cmap="gray", interpolation="nearest")
         ax.set_title(titles[i], fontsize=8)
         ax.set_axis_off()
         top = float(weights[i].max())
         for head in range(heads):
-            ax = fig.add_subplot(grid[row, (width + 1) * column + 1 + head])
+            ax = axes(i, 1 + head)
             ax.imshow(image, cmap="gray", interpolation="nearest")
             ax.imshow(
                 weights[i, ..., head],

@@ -1,9 +1,11 @@
 """Grids of frames titled with their protein and localization."""
 
 import math
+from collections.abc import Callable
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from dlfb_localization.dataset.localizations import frame_localizations
@@ -25,6 +27,32 @@ def frame_titles(dataset, frame_ids: np.ndarray) -> list[str]:
         frame_title(name, found)
         for name, found in zip(lookup["name"], localizations, strict=True)
     ]
+
+
+def frame_panels(
+    n: int, panels: int, frames_per_row: int
+) -> tuple[Figure, Callable[[int, int], Axes]]:
+    """A figure for `n` frames shown as `panels` axes side by side each, up to
+    `frames_per_row` frames a row, a gap between frames.
+
+    Returns:
+      `(fig, axes)`: `axes(i, j)` adds and returns panel j of frame i.
+    """
+    per_row = min(n, frames_per_row)
+    rows = math.ceil(n / per_row)
+    fig = plt.figure(figsize=(1.9 * panels * per_row, 2.3 * rows))
+    grid = fig.add_gridspec(
+        rows,
+        (panels + 1) * per_row - 1,
+        width_ratios=(([1.0] * panels + [0.25]) * per_row)[:-1],
+        wspace=0.05,
+    )
+
+    def axes(i: int, j: int) -> Axes:
+        row, column = divmod(i, per_row)
+        return fig.add_subplot(grid[row, (panels + 1) * column + j])
+
+    return fig, axes
 
 
 def plot_frames(

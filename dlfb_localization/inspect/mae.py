@@ -1,8 +1,6 @@
 """What a ViT's masked autoencoder fills in: masked crop, reconstruction and
 original, side by side (as MAE's figures, He et al. 2022)."""
 
-import math
-
 import matplotlib.pyplot as plt
 import numpy as np
 from flax.training.train_state import TrainState
@@ -10,7 +8,7 @@ from matplotlib.figure import Figure
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.inference import mae_reconstructions
-from dlfb_localization.inspect.frames import frame_titles
+from dlfb_localization.inspect.frames import frame_panels, frame_titles
 
 __all__ = ["show_mae_reconstructions"]
 
@@ -59,17 +57,8 @@ def show_mae_reconstructions(
     patch = images.shape[1] // mask.shape[1]
     cmap = plt.get_cmap("gray").with_extremes(bad=_MASK_COLOUR)
 
-    per_row = min(n, _FRAMES_PER_ROW)
-    rows = math.ceil(n / per_row)
-    fig = plt.figure(figsize=(1.9 * 3 * per_row, 2.3 * rows))
-    grid = fig.add_gridspec(
-        rows,
-        4 * per_row - 1,
-        width_ratios=(([1.0] * 3 + [0.25]) * per_row)[:-1],
-        wspace=0.05,
-    )
+    fig, axes = frame_panels(n, 3, _FRAMES_PER_ROW)
     for i in range(n):
-        row, column = divmod(i, per_row)
         original = images[i, ..., channel]
         hidden = np.kron(mask[i], np.ones((patch, patch), dtype=bool)).astype(bool)
         panels = (
@@ -79,7 +68,7 @@ def show_mae_reconstructions(
         )
         low, high = float(original.min()), float(original.max())
         for j, (image, title) in enumerate(panels):
-            ax = fig.add_subplot(grid[row, 4 * column + j])
+            ax = axes(i, j)
             ax.imshow(image, cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
             ax.set_title(title, fontsize=8)
             ax.set_axis_off()
