@@ -12,7 +12,6 @@ prints the traceback too.
 
 import argparse
 import errno
-import json
 import logging
 import os
 import sys
@@ -21,51 +20,13 @@ import time
 import traceback
 from pathlib import Path
 
+from dlfb_localization import commands
 from dlfb_localization.locks import FolderLockedError
-from dlfb_localization.settings import add_flags, from_flags, parse_channels
+from dlfb_localization.settings import add_flags, parse_channels
 
 SPLIT_CHOICES = ("train", "valid", "test")
 PROG = "dlfb-localization"
 DEBUG_ENV = "DLFB_DEBUG"
-
-
-def _prepare(args: argparse.Namespace) -> None:
-    from dlfb_localization.dataset.utils import get_dataset
-
-    dataset = get_dataset(
-        args.data_dir,
-        channels=args.channels,
-        cache_dir=args.cache_dir,
-        force_recreate=args.force,
-        trust_pickled_labels=args.trust_pickled_labels,
-        progress=True,
-        cache_dtype=args.cache_dtype,
-    )
-    print(f"{args.data_dir}: {dataset}")
-
-
-def _demo(args: argparse.Namespace) -> None:
-    from dlfb_localization import demo
-
-    demo.run(args.out, seed=args.seed)
-
-
-def _compare(args: argparse.Namespace) -> None:
-    from dlfb_localization.compare import compare
-    from dlfb_localization.compare_summary import format_table
-
-    result = compare(
-        args.data,
-        args.eval_data,
-        args.out,
-        candidates=args.candidates,
-        seeds=args.seeds,
-        minutes=args.minutes,
-        epochs=args.epochs,
-        k=args.k,
-    )
-    print(format_table(result))
-    print(f"wrote {args.out / 'compare.md'}, compare.json and compare.png")
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -81,181 +42,6 @@ def _seeds(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def _config_from_args(config_class, args: argparse.Namespace):
-    """`config_class` (a dataclass with a `data` folder) from the parsed flags
-    named like its fields."""
-    if not args.data.is_dir():
-        what = "a file" if args.data.exists() else "missing"
-        raise FileNotFoundError(f"--data {args.data} is not a folder ({what})")
-    return from_flags(config_class, args)
-
-
-def _train(args: argparse.Namespace) -> None:
-    from dlfb_localization.runs import RunConfig, train_run
-
-    config = _config_from_args(RunConfig, args)
-    run = train_run(config, args.store)
-    last = {name: values[-1]["mean"] for name, values in run.metrics["valid"].items()}
-    print(
-        f"trained {config.num_epochs} epochs into {args.store}: valid "
-        + ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.items()))
-    )
-
-
-def _evaluate(args: argparse.Namespace) -> None:
-    from dlfb_localization.evaluate import evaluate
-    from dlfb_localization.runs import load_run
-
-    run = load_run(args.store, progress=True, data=args.data)
-    out = args.out or args.store / f"evaluation_{args.split}.json"
-    result = evaluate(
-        run.state, run.splits[args.split], k=args.k, out_path=out, progress=True
-    )
-    print(_knn_summary(result, args.split, args.k))
-    print(_probe_summary(result))
-    print(f"codebook: {json.dumps(result['codebook'])}")
-    print(f"wrote {out}")
-
-
-def _knn_summary(result: dict, split: str, k: int) -> str:
-    """The k-NN accuracies of `evaluate`'s result ("all" label set) with what
-    they mean: how many proteins and classes, chance and the ceiling."""
-    labels = result["labels"]["all"]
-    lines = [
-        f"{split}: {result['n_frames']} frames of {result['n_proteins']} proteins, "
-        f"{labels['n_proteins']} annotated, {labels['n_classes']} localizations"
-    ]
-    for level in ("protein", "frame"):
-        scores = result["knn"][level]["all"]
-        ceiling = labels[f"{level}_accuracy_ceiling"]
-        chance = scores["majority_class"]
-        accuracies = ", ".join(
-            f"{name} {score['accuracy']:.3f}"
-            for name, score in scores.items()
-            if score is not None and name != "majority_class"
-        )
-        chance = "-" if chance is None else f"{chance['accuracy']:.3f}"
-        ceiling = "-" if ceiling is None else f"{ceiling:.3f}"
-        lines.append(
-            f"{level}-level {k}-NN accuracy: {accuracies or 'undefined'} "
-            f"(chance {chance}, ceiling {ceiling})"
-        )
-    return "\n".join(lines)
-
-
-def _probe_summary(result: dict) -> str:
-    """The probe's macro AP and macro-F1 per embedding of `evaluate`'s result,
-    with its chance AP and what it was scored on (or why it was not)."""
-    labels = result["labels"]["probe"]
-    if labels["reason"] is not None:
-        return f"protein-level probe: undefined ({labels['reason']})"
-    scores = {name: s for name, s in result["probe"].items() if s is not None}
-    excluded = labels["excluded_classes"]
-    return (
-        f"protein-level probe ({labels['n_classes_scored']} grade 1-2 "
-        f"localizations, {labels['n_splits']}-fold"
-        + (f", {len(excluded)} too rare left out" if excluded else "")
-        + "): macro AP "
-        + ", ".join(
-            f"{n} {s['macro_average_precision']:.3f}" for n, s in scores.items()
-        )
-        + f" (chance {labels['chance_average_precision']:.3f}); macro-F1 "
-        + ", ".join(f"{n} {s['macro_f1']:.3f}" for n, s in scores.items())
-    )
-
-
-def _embed(args: argparse.Namespace) -> None:
-    from dlfb_localization.embeddings import get_frame_embeddings
-    from dlfb_localization.export import export_embeddings
-    from dlfb_localization.runs import is_run_data, load_new_data, load_run
-
-    if args.data is not None and not is_run_data(args.store, args.data):
-        if args.split is not None:
-            raise ValueError(
-                f"--split chooses among the run's own splits, but {args.data} is "
-                "not the run's data: every frame of it is embedded; drop --split"
-            )
-        run = load_run(args.store, progress=True)
-        dataset = load_new_data(run, args.data, progress=True)
-        name = Path(args.data).resolve().name
-    else:
-        run = load_run(args.store, progress=True, data=args.data)
-        name = args.split or "test"
-        dataset = run.splits[name]
-    paths = export_embeddings(
-        dataset, get_frame_embeddings(run.state, dataset), args.out, name=name
-    )
-    for path in paths.values():
-        print(f"wrote {path}")
-
-
-def _figures(args: argparse.Namespace) -> None:
-    from dlfb_localization.figures import write_model_figures
-    from dlfb_localization.runs import load_run
-
-    if len({store.name for store in args.store}) < len(args.store):
-        raise ValueError("give each --store folder a different name")
-    runs = {
-        store.name: load_run(store, progress=True, data=args.data)
-        for store in args.store
-    }
-    first_name, first = next(iter(runs.items()))
-    shape = first.splits[args.split].image_shape
-    for name, run in runs.items():
-        if run.splits[args.split].image_shape != shape:
-            raise ValueError(
-                f"runs {first_name} and {name} were trained on frames of other "
-                f"shapes ({shape} and {run.splits[args.split].image_shape}, "
-                "height, width, channels); draw them with separate figures commands"
-            )
-    written = write_model_figures(
-        {name: (run.state, run.metrics) for name, run in runs.items()},
-        first.splits[args.split],
-        args.out,
-        rng=first.rng_frames,
-    )
-    for path in written.values():
-        print(f"wrote {path}")
-
-
-def _predict(args: argparse.Namespace) -> None:
-    from dlfb_localization.nucleus.config import PredictConfig
-    from dlfb_localization.nucleus.run import run_prediction
-
-    config = _config_from_args(PredictConfig, args)
-    result = run_prediction(config, args.out)
-    print(
-        f"held-out fields of view ({result['n_frames']} frames): "
-        + ", ".join(
-            f"{name} r={scores['correlation']:.3f} mse={scores['mse']:.4g}"
-            for name, scores in result["overall"].items()
-        )
-    )
-    print(f"wrote {args.out}/evaluation.json and {args.out}/predictions.png")
-
-
-def _crop(args: argparse.Namespace) -> None:
-    from dlfb_localization.dataset.raw import CropSettings, RawLayout, crop_release
-
-    layout = RawLayout(
-        args.nucleus_file, args.protein_file, args.nucleus_channel, args.protein_channel
-    )
-    settings = CropSettings(args.pixel_size, args.target_pixel_size, args.crop_size)
-    fields = crop_release(
-        args.raw_dir,
-        args.out,
-        annotations=args.annotations,
-        layout=layout,
-        settings=settings,
-        overwrite=args.overwrite,
-        progress=True,
-    )
-    print(
-        f"wrote {fields['n_crops'].sum()} crops of {fields['n_nuclei'].sum()} nuclei "
-        f"in {len(fields)} fields into {args.out} (QC pictures in {args.out / 'qc'})"
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -266,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"print the traceback of an error (or set {DEBUG_ENV}=1)",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
 
-    prepare = commands.add_parser(
+    prepare = subparsers.add_parser(
         "prepare",
         help="check a data folder and build its cache",
         description="Checks an OpenCell data folder (the full release, "
@@ -303,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow reading the sample format's pickled <name>_label.npy files "
         "(unpickling runs code from the file: only for files you trust)",
     )
-    prepare.set_defaults(func=_prepare)
+    prepare.set_defaults(func=commands.prepare)
 
-    demo = commands.add_parser(
+    demo = subparsers.add_parser(
         "demo",
         help="run the main job on the embedded sample",
         description="Writes the embedded OpenCell-like sample, builds the "
@@ -313,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
     demo.add_argument("--seed", type=int, default=42, help="seed (default: 42)")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=commands.demo)
 
-    _add_train(commands)
+    _add_train(subparsers)
 
     def add_store(command: argparse.ArgumentParser) -> None:
         command.add_argument(
@@ -338,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(default: the one the run recorded)",
         )
 
-    evaluate = commands.add_parser(
+    evaluate = subparsers.add_parser(
         "evaluate",
         help="localization k-NN, cluster scores and codebook health of a run",
         description="Scores a trained run on one split: k-NN accuracy and macro-F1 "
@@ -350,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_store(evaluate)
     evaluate.add_argument("--k", type=int, default=5, help="neighbours (default: 5)")
     evaluate.add_argument("--out", type=Path, default=None, help="JSON file to write")
-    evaluate.set_defaults(func=_evaluate)
+    evaluate.set_defaults(func=commands.evaluate)
 
-    embed = commands.add_parser(
+    embed = subparsers.add_parser(
         "embed",
         help="export per-frame and per-protein embeddings with their labels",
         description="Writes SPLIT.npz (codebook histograms and mean quantized "
@@ -381,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="which of the run's splits, with the run's own data (default: test)",
     )
     embed.add_argument("--out", type=Path, required=True, help="folder to write into")
-    embed.set_defaults(func=_embed)
+    embed.set_defaults(func=commands.embed)
 
-    figures = commands.add_parser(
+    figures = subparsers.add_parser(
         "figures",
         help="the chapter's figures for one or several runs",
         description="Reconstructions, losses, perplexity, codebook usage, feature "
@@ -407,17 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, help="folder for the PNGs and map.html"
     )
     add_data(figures)
-    figures.set_defaults(func=_figures)
-    _add_compare(commands)
-    _add_predict(commands)
-    _add_crop(commands)
+    figures.set_defaults(func=commands.figures)
+    _add_compare(subparsers)
+    _add_predict(subparsers)
+    _add_crop(subparsers)
     return parser
 
 
-def _add_compare(commands) -> None:
+def _add_compare(subparsers) -> None:
     from dlfb_localization.compare import DEFAULT_CANDIDATES
 
-    compare = commands.add_parser(
+    compare = subparsers.add_parser(
         "compare",
         help="train several model families and score them on the same unseen proteins",
         description="Trains (or restores) each candidate on DATA for every seed, "
@@ -457,13 +243,13 @@ def _add_compare(commands) -> None:
         help="train every candidate this many epochs instead of --minutes",
     )
     compare.add_argument("--k", type=int, default=5, help="neighbours (default: 5)")
-    compare.set_defaults(func=_compare)
+    compare.set_defaults(func=commands.compare)
 
 
-def _add_train(commands) -> None:
+def _add_train(subparsers) -> None:
     from dlfb_localization.runs import RunConfig
 
-    train = commands.add_parser(
+    train = subparsers.add_parser(
         "train",
         help="train the model on a data folder",
         description="Trains the chapter's model (VQ-VAE with a protein-id head), "
@@ -475,13 +261,13 @@ def _add_train(commands) -> None:
     train.add_argument("--data", type=Path, required=True, help="data folder")
     train.add_argument("--store", type=Path, required=True, help="run folder")
     add_flags(train, RunConfig, skip=("data",))
-    train.set_defaults(func=_train)
+    train.set_defaults(func=commands.train)
 
 
-def _add_predict(commands) -> None:
+def _add_predict(subparsers) -> None:
     from dlfb_localization.nucleus.config import PredictConfig
 
-    predict = commands.add_parser(
+    predict = subparsers.add_parser(
         "predict",
         help="predict the protein image from the nucleus and the protein's identity",
         description="Trains a conditional U-Net (and, with --gan, pix2pix) to "
@@ -494,14 +280,14 @@ def _add_predict(commands) -> None:
     predict.add_argument("--data", type=Path, required=True, help="data folder")
     predict.add_argument("--out", type=Path, required=True, help="output folder")
     add_flags(predict, PredictConfig, skip=("data",))
-    predict.set_defaults(func=_predict)
+    predict.set_defaults(func=commands.predict)
 
 
-def _add_crop(commands) -> None:
+def _add_crop(subparsers) -> None:
     from dlfb_localization.dataset.raw import OPENCELL_PIXEL_UM, RawLayout
 
     default = RawLayout()
-    crop = commands.add_parser(
+    crop = subparsers.add_parser(
         "crop",
         help="raw microscope fields of view to crops in the release format",
         description="Reads 16-bit TIFF/OME-TIFF fields from RAW_DIR (one folder "
@@ -547,7 +333,7 @@ def _add_crop(commands) -> None:
             f"(default: {getattr(default, f'{what}_channel')})",
         )
     crop.add_argument("--overwrite", action="store_true", help="replace OUT")
-    crop.set_defaults(func=_crop)
+    crop.set_defaults(func=commands.crop)
 
 
 def main(argv: list[str] | None = None) -> int:

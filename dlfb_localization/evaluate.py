@@ -14,7 +14,8 @@ module puts numbers beside those pictures, each with a baseline next to it:
 - Codebook health over the split (perplexity, fraction of codes used, largest
   code's share) and the reconstruction MSE.
 
-The evaluators on arrays (`scoring`: `predict_knn`, `score_knn`,
+The evaluators on arrays (`localization.score_localization`, k-NN and the
+probe of named embeddings; `scoring`: `predict_knn`, `score_knn`,
 `score_majority`, `knn_accuracy_ceiling`, `compute_cluster_score`;
 `probe`: `probe_targets`, `score_probe`; and
 `embeddings.compute_codebook_health`) know nothing of models and are
@@ -35,16 +36,10 @@ from tqdm.auto import tqdm
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.embeddings import (
-    EMBEDDING_KINDS,
-    aggregate_by_protein,
     compute_codebook_health,
-    embedding_metric,
-    frame_protein_ids,
     get_frame_embeddings,
     histogram_levels,
     named_features,
-    protein_localization_sets,
-    protein_localizations,
 )
 from dlfb_localization.files import write_json
 from dlfb_localization.inference import (
@@ -52,6 +47,13 @@ from dlfb_localization.inference import (
     map_frames,
     reconstruct,
     squared_errors,
+)
+from dlfb_localization.localization import (
+    EMBEDDING_METRICS,
+    LABEL_SETS,
+    finite_or_none,
+    metric_of,
+    score_localization,
 )
 from dlfb_localization.probe import (
     PROBE_C,
@@ -73,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EMBEDDING_METRICS",
+    "LABEL_SETS",
     "compute_cluster_score",
     "compute_codebook_health",
     "compute_pixel_pca",
@@ -88,32 +91,6 @@ __all__ = [
     "score_probe",
 ]
 
-# Distance used for each embedding, by k-NN and by the cluster score's UMAP:
-# the per-frame embeddings' (`embeddings.EMBEDDING_KINDS`: Hellinger for code
-# histograms, Euclidean for mean quantized vectors, at every level) and
-# Euclidean for the pixels' PCA scores. Measured on the demo's 150 unseen
-# proteins (seed 0, three trainings: head weight 0, 0.1 and 1), Hellinger
-# raised a trained model's protein-level 5-NN from 0.69-0.71 (cosine of raw
-# counts) to 0.74-0.79, and lowered the untrained model's from 0.71 to 0.67:
-# the square root stabilizes count variance, so a few busy codes (background,
-# the nucleus) no longer outweigh the rarer codes that tell patterns apart.
-EMBEDDING_METRICS = {**dict(EMBEDDING_KINDS.values()), "pixels_pca": "euclidean"}
-
-
-def _metric(name: str) -> str:
-    return EMBEDDING_METRICS.get(name) or embedding_metric(name)
-
-
-# Label sets, as `(Labels.localizations mode, restrict to the chapter's nine)`:
-# "all", every protein by its predominant localization; "nine", only proteins
-# whose predominant localization is one of the chapter's nine; "single", only
-# proteins annotated with exactly one localization (whose label is not a
-# judgement between two), as cytoself's clustering score uses them.
-LABEL_SETS = {
-    "all": ("predominant", False),
-    "nine": ("predominant", True),
-    "single": ("single", False),
-}
 PCA_COMPONENTS = 64
 # PCA is fitted on at most this many frames of the split (a seeded sample), so
 # the baseline's memory stays bounded on the full data set; all frames are
@@ -192,11 +169,6 @@ def compute_pixel_pca(
         "frame_ids": frame_ids.astype(np.int64),
         "features": np.concatenate(features).astype(np.float32),
     }
-
-
-def _finite_or_none(value: float) -> float | None:
-    # JSON has no NaN; None (null) says "undefined" to every reader.
-    return value if np.isfinite(value) else None
 
 
 def evaluate(
@@ -331,7 +303,7 @@ def evaluate(
                 "folds": PROBE_FOLDS,
                 "threshold": 0.5,
             },
-            "metrics": {name: _metric(name) for name in features},
+            "metrics": {name: metric_of(name) for name in features},
             "pca_components": int(pca["features"].shape[1]),
             "umap": {"n_neighbors": UMAP_NEIGHBORS, "min_dist": UMAP_MIN_DIST},
         },
@@ -346,142 +318,6 @@ def evaluate(
     if out_path is not None:
         write_json(result, out_path)
     return result
-
-
-def score_localization(
-    dataset_split: Dataset,
-    features: Mapping[str, np.ndarray],
-    *,
-    k: int = 5,
-    random_state: int = 0,
-) -> dict:
-    """Localization k-NN and the probe of named per-frame embeddings, as
-    `evaluate` scores them (without its UMAPs and codebook health).
-
-    Args:
-      dataset_split: the frames the features describe.
-      features: `{name: [n, d]}` per-frame embeddings in the split's frame-id
-        order, named as `embeddings.named_embeddings` names a model's or
-        "pixels_pca"; the name picks the distance (`EMBEDDING_METRICS`).
-      k: neighbours in k-NN votes.
-      random_state: seeds the probe's folds and solver.
-
-    Returns:
-      `evaluate`'s `labels` (with `labels["probe"]`), `knn` and `probe`.
-    """
-    frame_ids = dataset_split.labels.frame_ids
-    for name, values in features.items():
-        if len(values) != len(frame_ids):
-            raise ValueError(
-                f"embedding {name!r} has {len(values)} rows but the split has "
-                f"{len(frame_ids)} frames"
-            )
-    protein_ids, protein_features = _protein_means(dataset_split, frame_ids, features)
-    knn = _score_localization_knn(
-        dataset_split, frame_ids, features, protein_ids, protein_features, k
-    )
-    probe_labels, probe = _score_localization_probe(
-        dataset_split, protein_ids, protein_features, random_state
-    )
-    return {
-        "labels": {**knn["labels"], "probe": probe_labels},
-        "knn": knn["knn"],
-        "probe": probe,
-    }
-
-
-def _protein_means(
-    dataset_split: Dataset, frame_ids: np.ndarray, features: Mapping[str, np.ndarray]
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """`(protein_ids, {embedding: [p, d] mean over each protein's frames})`:
-    what protein-level k-NN and the probe both score."""
-    protein_ids, protein_features = np.zeros(0, np.int64), {}
-    for name, values in features.items():
-        protein_ids, protein_features[name] = aggregate_by_protein(
-            dataset_split, frame_ids, values
-        )
-    return protein_ids, protein_features
-
-
-def _score_localization_knn(
-    dataset_split: Dataset,
-    frame_ids: np.ndarray,
-    features: Mapping[str, np.ndarray],
-    protein_ids: np.ndarray,
-    protein_features: Mapping[str, np.ndarray],
-    k: int,
-) -> dict[str, dict]:
-    """`{"labels": …, "knn": …}` of `evaluate` for frames and proteins."""
-    frame_proteins = frame_protein_ids(dataset_split, frame_ids)
-    labels_info: dict[str, dict] = {}
-    knn: dict[str, dict] = {"frame": {}, "protein": {}}
-    for label_set, (mode, restrict) in LABEL_SETS.items():
-        frame_labels = dataset_split.labels.localizations(mode, restrict=restrict)
-        protein_labels = protein_localizations(
-            dataset_split, protein_ids, mode, restrict=restrict
-        )
-        frame_mask, protein_mask = frame_labels != "", protein_labels != ""
-        labels_info[label_set] = {
-            "n_classes": len(np.unique(frame_labels[frame_mask])),
-            "n_frames": int(frame_mask.sum()),
-            "n_proteins": int(protein_mask.sum()),
-            "frame_accuracy_ceiling": _finite_or_none(
-                knn_accuracy_ceiling(
-                    frame_labels[frame_mask], frame_proteins[frame_mask]
-                )
-            ),
-            "protein_accuracy_ceiling": _finite_or_none(
-                knn_accuracy_ceiling(
-                    protein_labels[protein_mask], protein_ids[protein_mask]
-                )
-            ),
-        }
-        knn["frame"][label_set] = _score_level(
-            features, frame_labels, frame_proteins, frame_mask, k
-        )
-        knn["protein"][label_set] = _score_level(
-            protein_features, protein_labels, protein_ids, protein_mask, k
-        )
-    return {"labels": labels_info, "knn": knn}
-
-
-def _score_localization_probe(
-    dataset_split: Dataset,
-    protein_ids: np.ndarray,
-    protein_features: Mapping[str, np.ndarray],
-    random_state: int,
-) -> tuple[dict, dict[str, dict[str, float] | None]]:
-    """`labels["probe"]` and `probe` of `evaluate`: the folds and targets are
-    made once, so every embedding is scored on the same ones."""
-    targets = probe_targets(
-        protein_localization_sets(dataset_split, protein_ids),
-        random_state=random_state,
-    )
-    scores = {
-        name: score_probe(values, targets, random_state=random_state)
-        for name, values in protein_features.items()
-    }
-    return targets.summary(), scores
-
-
-def _score_level(
-    features: Mapping[str, np.ndarray],
-    labels: np.ndarray,
-    groups: np.ndarray,
-    mask: np.ndarray,
-    k: int,
-) -> dict[str, dict[str, float] | None]:
-    """k-NN scores of every embedding, and chance, on the labelled samples."""
-    labels, groups = labels[mask], groups[mask]
-    enough = len(np.unique(labels)) >= 2 and len(np.unique(groups)) >= 2
-    scores: dict[str, dict[str, float] | None] = {
-        name: score_knn(values[mask], labels, groups, k=k, metric=_metric(name))
-        if enough
-        else None
-        for name, values in features.items()
-    }
-    scores["majority_class"] = score_majority(labels) if enough else None
-    return scores
 
 
 def _score_clusters(
@@ -501,14 +337,14 @@ def _score_clusters(
         bar.set_postfix_str(f"UMAP of {name}")
         coordinates = None
         if len(values) >= _UMAP_MIN_FRAMES:
-            points, metric = to_metric_space(values, _metric(name))
+            points, metric = to_metric_space(values, metric_of(name))
             coordinates = project_2d(points, metric=metric, random_state=random_state)
         for mode, labels in subsets.items():
             mask = labels != ""
             scores[mode][name] = (
                 None
                 if coordinates is None
-                else _finite_or_none(
+                else finite_or_none(
                     compute_cluster_score(coordinates[mask], labels[mask])
                 )
             )

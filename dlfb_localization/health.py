@@ -21,8 +21,12 @@ full model's `_local` and `_global` levels are checked separately):
 
 import dataclasses
 import re
+import sys
+import warnings
 
-from dlfb_localization.history import History
+from tqdm.auto import tqdm
+
+from dlfb_localization.history import History, HistoryLogger
 from dlfb_localization.model.interface import level_suffix
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "TrainingHealthWarning",
     "check_health",
     "health_metrics",
+    "watch_health",
 ]
 
 CHECKS = ("codebook_drift", "perplexity_collapse", "dead_codes")
@@ -159,3 +164,28 @@ def health_metrics(issues: list[HealthIssue]) -> dict[str, float]:
     """0/1 flags `health_<check>` (failed at any level), for the history."""
     failed = {issue.check for issue in issues}
     return {f"health_{check}": float(check in failed) for check in CHECKS}
+
+
+def watch_health(history: HistoryLogger, epoch: int) -> str:
+    """Runs `health.check_health` after an epoch: records its flags, warns
+    (`TrainingHealthWarning`) when a check starts failing, and returns the
+    progress bar's text."""
+    issues = check_health(history.history())
+    flags = health_metrics(issues)
+    previous = {
+        name: records[-1]["mean"]
+        for name in flags
+        if (records := history.history()["train"].get(name))
+    }
+    history.record("train", epoch, flags)
+    for issue in issues:
+        if not previous.get(f"health_{issue.check}"):
+            # Attributed to the caller of `train` (here <- loop.fit <- train);
+            # the progress bars are cleared while it prints, then redrawn.
+            with tqdm.external_write_mode(file=sys.stderr):
+                warnings.warn(
+                    f"epoch {epoch + 1}: {issue.message}", TrainingHealthWarning, 4
+                )
+    text = history.latest(["total_loss", "perplexity"])
+    failed = sorted({issue.check for issue in issues})
+    return text + (f" | unhealthy: {', '.join(failed)}" if failed else "")

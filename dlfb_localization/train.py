@@ -4,8 +4,6 @@ jitted steps, and `train`, which runs them through the shared epoch loop
 
 import functools
 import os
-import sys
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -13,16 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.training.train_state import TrainState
-from tqdm.auto import tqdm
 
 from dlfb_localization import checkpoint
 from dlfb_localization.dataset import Dataset
-from dlfb_localization.health import (
-    TrainingHealthWarning,
-    check_health,
-    health_metrics,
-)
-from dlfb_localization.history import History, HistoryLogger
+from dlfb_localization.health import watch_health
+from dlfb_localization.history import History
 from dlfb_localization.loop import (
     DataParallel,
     NonFiniteLossError,
@@ -34,11 +27,18 @@ from dlfb_localization.model.interface import (
     AUGMENT_STREAM,
     FamilyOutputs,
     model_of,
-    usage_metrics,
 )
 from dlfb_localization.orientation import AUGMENT_MODES, random_orientation
+from dlfb_localization.passes import (
+    CPU_MICROBATCH,
+    accumulate_passes,
+    default_microbatches,
+    model_microbatches,
+    training_rngs,
+)
 
 __all__ = [
+    "CPU_MICROBATCH",
     "DataParallel",
     "NonFiniteLossError",
     "TrainState",
@@ -124,65 +124,12 @@ def _compute_objective(
     return losses["total_loss"], (metrics, codes)
 
 
-# Frames per device in one forward/backward pass of a CPU train step. At the
-# chapter's batch of 256, XLA:CPU's scratch for one pass is ~3 GiB: every step
-# page-faults it in, and the activations fall out of cache between layers.
-# Four passes of 64 with their gradients summed do the same arithmetic in
-# 2.1 GiB and run ~1.5x faster (benchmarks/bench_train_step.py). Accelerators
-# keep the whole batch in one pass.
-CPU_MICROBATCH = 64
-
-
-def default_microbatches(batch_size: int, n_devices: int = 1) -> int:
-    """How many passes `train_step` splits a batch into on this backend.
-
-    `batch_size // (64 * n_devices)` on CPU when that divides the batch evenly
-    (so every pass has the same size and the summed gradient is exactly the
-    full batch's), else 1; always 1 on GPU and TPU.
-    """
-    per_pass = CPU_MICROBATCH * n_devices
-    if jax.default_backend() != "cpu" or batch_size % per_pass:
-        return 1
-    return max(batch_size // per_pass, 1)
-
-
-def model_microbatches(state: TrainState, batch_size: int, n_devices: int = 1) -> int:
-    """The passes `train` gives a step of the state's model: 1 for a model
-    whose samples are not `independent_samples` (a contrastive loss compares
-    a batch's samples), else `default_microbatches`."""
-    if not getattr(model_of(state), "independent_samples", True):
-        return 1
-    return default_microbatches(batch_size, n_devices)
-
-
-def _split_microbatches(batch: Batch, microbatches: int) -> list[Batch]:
-    # Pass i takes frames i, i + m, i + 2m, ...: a batch split over devices in
-    # contiguous blocks then gives every device the same share of every pass,
-    # with no data moved between devices.
-    def take(x, i):
-        return x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])[:, i]
-
-    return [
-        {key: take(batch[key], i) for key in ("images", "labels")}
-        for i in range(microbatches)
-    ]
-
-
 # Folded into the step's key for the augmentation, a stream apart from dropout's
 # (whose keys stay what they were without augmentation).
 _AUGMENT_STREAM = 1_000_003
-# Folded into the step's (or pass's) key for the model's own `AUGMENT_STREAM`
-# (a ViT's views and masks): apart from dropout's and the orientation's keys,
-# which stay what they were before models drew from it.
-_VIEW_STREAM = 1_000_033
 # The model's `AUGMENT_STREAM` key at evaluation: fixed, so that validation
 # losses of masked or augmented objectives compare across epochs and runs.
 _EVAL_SEED = 0
-
-
-def _training_rngs(rng: jax.Array) -> dict[str, jax.Array]:
-    """The rng streams of one training pass (`model.interface`)."""
-    return {"dropout": rng, AUGMENT_STREAM: jax.random.fold_in(rng, _VIEW_STREAM)}
 
 
 @functools.partial(
@@ -247,10 +194,10 @@ def train_step(
     grad_fn = jax.value_and_grad(_compute_objective, has_aux=True)
     if microbatches == 1:
         (_, (metrics, codes)), grads = grad_fn(
-            state.params, state, batch, classification_weight, True, _training_rngs(rng)
+            state.params, state, batch, classification_weight, True, training_rngs(rng)
         )
     else:
-        grads, metrics, codes = _accumulate_passes(
+        grads, metrics, codes = accumulate_passes(
             grad_fn, state, batch, classification_weight, rng, microbatches
         )
     state = state.apply_gradients(grads=grads)
@@ -260,39 +207,6 @@ def train_step(
         )
         state = state.replace(params=params, collections=collections)
     return state, metrics
-
-
-def _accumulate_passes(grad_fn, state, batch, classification_weight, rng, passes):
-    """`train_step`'s gradients, metrics and codes over `passes` equal parts."""
-    if batch["labels"].shape[0] % passes:
-        raise ValueError(
-            f"microbatches={passes} does not divide the batch of "
-            f"{batch['labels'].shape[0]}"
-        )
-    grads, metrics, codes = None, [], []
-    for i, part in enumerate(_split_microbatches(batch, passes)):
-        if grads is not None:
-            # Finish pass i - 1 before pass i starts, or XLA schedules the
-            # forward passes side by side and the memory saving is lost.
-            grads, part = jax.lax.optimization_barrier((grads, part))
-        rngs = _training_rngs(jax.random.fold_in(rng, i))
-        (_, (part_metrics, part_codes)), part_grads = grad_fn(
-            state.params, state, part, classification_weight, True, rngs
-        )
-        grads = (
-            part_grads if grads is None else jax.tree.map(jnp.add, grads, part_grads)
-        )
-        metrics.append(part_metrics)
-        codes.append(part_codes)
-    grads = jax.tree.map(lambda g: g / passes, grads)
-    metrics = jax.tree.map(lambda *values: jnp.mean(jnp.stack(values)), *metrics)
-    # Code use over the whole batch, not the mean of the passes' values.
-    codes = jax.tree.map(lambda *parts: jnp.concatenate(parts), *codes)
-    levels = model_of(state).codebook_levels
-    indices = {levels[name]: codes[name][0] for name in codes}
-    sizes = {levels[name]: state.params[name]["codebook"].shape[1] for name in codes}
-    metrics.update(usage_metrics(indices, sizes))
-    return grads, metrics, codes
 
 
 @jax.jit
@@ -360,31 +274,6 @@ def check_arguments(
             "the batch is split over"
         )
     check_batch_size(batch_size, len(dataset_splits["train"]))
-
-
-def _watch_health(history: HistoryLogger, epoch: int) -> str:
-    """Runs `health.check_health` after an epoch: records its flags, warns
-    (`TrainingHealthWarning`) when a check starts failing, and returns the
-    progress bar's text."""
-    issues = check_health(history.history())
-    flags = health_metrics(issues)
-    previous = {
-        name: records[-1]["mean"]
-        for name in flags
-        if (records := history.history()["train"].get(name))
-    }
-    history.record("train", epoch, flags)
-    for issue in issues:
-        if not previous.get(f"health_{issue.check}"):
-            # Attributed to the caller of `train` (here <- loop.fit <- train);
-            # the progress bars are cleared while it prints, then redrawn.
-            with tqdm.external_write_mode(file=sys.stderr):
-                warnings.warn(
-                    f"epoch {epoch + 1}: {issue.message}", TrainingHealthWarning, 4
-                )
-    text = history.latest(["total_loss", "perplexity"])
-    failed = sorted({issue.check for issue in issues})
-    return text + (f" | unhealthy: {', '.join(failed)}" if failed else "")
 
 
 def train(
@@ -499,7 +388,7 @@ def train(
         evaluate=evaluate,
         eval_split=dataset_splits["valid"],
         eval_every=eval_every,
-        on_epoch=_watch_health,
+        on_epoch=watch_health,
         store_path=store_path,
         config=config,
         batches=batches,

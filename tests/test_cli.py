@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import latest_checkpoint_meta, write_tiny_release
 
-from dlfb_localization.cli import _probe_summary, main
+from dlfb_localization.cli import main
+from dlfb_localization.commands import probe_summary
 
 
 def test_prepare_builds_the_cache(tiny_release, capsys):
@@ -78,7 +79,7 @@ def test_the_probe_summary_gives_chance_and_what_was_left_out():
             "pixels_pca": {"macro_f1": 0.125, "macro_average_precision": 0.375},
         },
     }
-    assert _probe_summary(result) == (
+    assert probe_summary(result) == (
         "protein-level probe (2 grade 1-2 localizations, 5-fold, 1 too rare left "
         "out): macro AP codebook_histogram 0.750, pixels_pca 0.375 (chance 0.250); "
         "macro-F1 codebook_histogram 0.500, pixels_pca 0.125"
@@ -307,13 +308,13 @@ def test_an_error_is_one_line_and_debug_shows_the_traceback(
 def test_unexpected_errors_full_disks_and_interrupts_end_in_one_line(
     error, exit_code, message, capsys, monkeypatch
 ):
-    from dlfb_localization import cli
+    from dlfb_localization import commands
 
     def fail(args):
         raise error
 
     monkeypatch.delenv("DLFB_DEBUG", raising=False)
-    monkeypatch.setattr(cli, "_prepare", fail)
+    monkeypatch.setattr(commands, "prepare", fail)
     assert main(["prepare", "x"]) == exit_code
     assert message in _error_line(capsys)
 

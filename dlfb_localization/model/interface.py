@@ -20,7 +20,7 @@ families share) with:
   returning `(params, collections)`; the identity for a model without any;
 - `independent_samples`: whether its loss is a mean of per-frame terms, so
   that a batch may be split into passes whose gradients are averaged
-  (`train.default_microbatches`). A contrastive loss compares the frames of
+  (`passes.default_microbatches`). A contrastive loss compares the frames of
   a batch with each other: such a family says False and trains in one pass.
 
 `compute_outputs` draws its randomness from two rng streams: "dropout"
