@@ -30,11 +30,13 @@ from dlfb_localization.compare_summary import METRICS, format_table, summarise_s
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.embeddings import get_frame_embeddings, named_features
-from dlfb_localization.evaluate import compute_pixel_pca, score_localization
+from dlfb_localization.evaluate import compute_pixel_pca
 from dlfb_localization.figures import save_figure
 from dlfb_localization.files import write_json, write_text
 from dlfb_localization.inspect.compare import plot_comparison
+from dlfb_localization.localization import score_localization
 from dlfb_localization.locks import lock_folder
+from dlfb_localization.loop import DataParallel
 from dlfb_localization.run_config import RunConfig
 from dlfb_localization.run_families import MODELS
 from dlfb_localization.runs import build_splits, create_state, train_run
@@ -121,7 +123,8 @@ def calibrate(config: RunConfig, steps: int = _TIMED_STEPS) -> dict[str, float]:
     """Seconds per training epoch of the run `config` on this machine.
 
     Builds the run's splits, initial state and training batches as
-    `runs.train_run` does, compiles `train.train_step` on the first batch and
+    `runs.train_run` does, compiles `train.train_step` on the first batch (on
+    the devices as `train` places it, so the run then reuses the program) and
     times `steps` more (on the device, waiting for each result), then scales
     to one epoch's steps. Validation and checkpoints, a few percent of an
     epoch, are not counted.
@@ -140,11 +143,16 @@ def calibrate(config: RunConfig, steps: int = _TIMED_STEPS) -> dict[str, float]:
         epoch = splits["train"].get_batches(key, plan.batch_size)
     else:
         epoch = plan.batches(key)
+    # Placed as `loop.fit` places them, so that the step compiled here is the
+    # program the run's training then reuses instead of compiling its own.
+    parallel = DataParallel()
+    state = parallel.place_state(state)
+    sharding = parallel.batch_sharding(plan.batch_size)
     batches = [
-        {"images": jnp.asarray(b["images"]), "labels": jnp.asarray(b["labels"])}
+        jax.device_put({"images": b["images"], "labels": b["labels"]}, sharding)
         for b in epoch
     ]
-    microbatches = model_microbatches(state, plan.batch_size)
+    microbatches = model_microbatches(state, plan.batch_size, parallel.n_devices)
     weight = jnp.float32(config.classification_weight)
 
     def step(state, batch):
