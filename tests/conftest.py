@@ -13,9 +13,12 @@ import sys
 sys.dont_write_bytecode = False
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
+import contextlib
+import json
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -23,6 +26,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+from filelock import FileLock
 
 from dlfb_localization.dataset.sources import LABEL_COLUMNS
 
@@ -31,6 +35,8 @@ matplotlib.use("Agg")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+# A folder of the session that every pytest-xdist worker sees (`built_once`).
+_SHARED_ENV = "DLFB_TESTS_SHARED_DIR"
 _session_cache: list[str] = []
 
 
@@ -102,6 +108,13 @@ def pytest_configure(config):
         os.environ[name.upper()] = str(value)
         jax.config.update(name, value)
 
+    # Made by the first process (the controller, before it starts the workers),
+    # inherited by the workers; removed with the session.
+    if _SHARED_ENV not in os.environ:
+        shared = tempfile.mkdtemp(prefix="dlfb-tests-shared-")
+        _session_cache.append(shared)
+        os.environ[_SHARED_ENV] = shared
+
     # numba, for UMAP: its compiled code is kept in a cache of the session's
     # (`projection.umap_module` caches UMAP's functions), so that one process
     # compiles what the others load, and a run never depends on an earlier one.
@@ -119,7 +132,7 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     for path in _session_cache:
         shutil.rmtree(path, ignore_errors=True)
-        for name in (_CACHE_ENV, "NUMBA_CACHE_DIR"):
+        for name in (_CACHE_ENV, "NUMBA_CACHE_DIR", _SHARED_ENV):
             if os.environ.get(name) == path:
                 del os.environ[name]
 
@@ -210,13 +223,51 @@ def module_tiny_release(tmp_path_factory):
     return path, images, labels
 
 
+@contextlib.contextmanager
+def built_once(name: str) -> Iterator[tuple[Path, bool]]:
+    """`(folder, build)`: a folder of this test session shared by all
+    pytest-xdist workers, and whether the caller must build what it holds.
+
+    A session fixture is built once per worker; what is costly to build (a
+    training, a subprocess run) and only read afterwards is built here once
+    per session instead. The first caller builds while holding the folder's
+    lock (`build` is True); the others wait for it and find it built (False).
+    A build that raises leaves the folder to be built again by the next caller.
+    """
+    root = Path(os.environ[_SHARED_ENV])
+    folder = root / name
+    built = root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        build = not built.exists()
+        if build:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+        yield folder, build
+        built.touch()
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
-    """The seeded run of `_train_worker.py`, trained once in this process and
-    shared (read only) by the checkpoint and data-parallel tests:
-    (store_path, state, metrics)."""
+    """The seeded run of `_train_worker.py`, shared (read only) by the
+    checkpoint and data-parallel tests: (store_path, state, metrics).
+
+    Trained once in the session (`built_once`): the trained state's arrays and
+    the metrics are saved beside its store, as training returned them (not as
+    a restore gives them back), and every worker gets its own copy of the
+    store, since tests run `train` on it and a folder has one writer at a time.
+    """
     import _train_worker as worker
 
-    store_path = tmp_path_factory.mktemp("reference")
-    state, metrics = worker.run(store_path)
+    with built_once("reference") as (built, build):
+        if build:
+            state, metrics = worker.run(built / "store")
+            leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+            np.savez(built / "state.npz", *leaves)
+            (built / "metrics.json").write_text(json.dumps(metrics))
+    store_path = tmp_path_factory.mktemp("reference") / "store"
+    shutil.copytree(built / "store", store_path)
+    with np.load(built / "state.npz") as saved:
+        leaves = [jax.device_put(saved[f"arr_{i}"]) for i in range(len(saved.files))]
+    state = jax.tree.unflatten(jax.tree.structure(worker.make_state()), leaves)
+    metrics = json.loads((built / "metrics.json").read_text())
     return store_path, state, metrics

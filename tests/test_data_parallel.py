@@ -12,6 +12,7 @@ import _train_worker as worker
 import jax
 import numpy as np
 import pytest
+from conftest import built_once
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 
@@ -34,16 +35,22 @@ def _read_report(out: str, folder: Path) -> dict:
     return report
 
 
-def _report(tmp_path, n_devices):
-    out = subprocess.run(
-        [sys.executable, str(WORKER), str(tmp_path / f"run{n_devices}"), "--report"],
+def _run_worker(folder: Path, n_devices: int) -> str:
+    """The seeded worker run in a process with `n_devices` (forced host)
+    devices, into `folder`; returns its standard output."""
+    return subprocess.run(
+        [sys.executable, str(WORKER), str(folder), "--report"],
         env=_worker_env(n_devices),
         capture_output=True,
         text=True,
         check=True,
         timeout=300,
     ).stdout
-    return _read_report(out, tmp_path / f"run{n_devices}")
+
+
+def _report(tmp_path, n_devices):
+    folder = tmp_path / f"run{n_devices}"
+    return _read_report(_run_worker(folder, n_devices), folder)
 
 
 def _one_device_report(reference_run, tmp_path):
@@ -58,9 +65,13 @@ def _one_device_report(reference_run, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_device_report(tmp_path_factory):
-    """The seeded worker run in one process with two (forced host) devices."""
-    return _report(tmp_path_factory.mktemp("two_devices"), 2)
+def two_device_report():
+    """The seeded worker run in one process with two (forced host) devices,
+    run once in the session (`conftest.built_once`) and read by every worker."""
+    with built_once("two_devices") as (folder, build):
+        if build:
+            (folder / "stdout.txt").write_text(_run_worker(folder / "run", 2))
+    return _read_report((folder / "stdout.txt").read_text(), folder / "run")
 
 
 def test_two_devices_give_the_metrics_of_one(
