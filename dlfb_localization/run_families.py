@@ -37,6 +37,7 @@ __all__ = [
     "VQ_FAMILIES",
     "Family",
     "TrainBatches",
+    "adam",
     "vit_learning_rate",
     "vit_optimizer",
 ]
@@ -113,10 +114,23 @@ WARMUP_SHARE = 0.05
 END_SHARE = 0.01
 
 
+# One optimizer object per setting in a process (`functools.cache` on the
+# functions that build them). `jit` keys a step's compiled program by the
+# train state's static fields, the optimizer among them, and optax keeps its
+# settings in closures, so two `optax.adam(1e-3)` are different keys: a second
+# run with the same settings (the demo's second model, `compare`'s next seed, a
+# resumed run) now reuses the first one's traced and compiled steps. optax's
+# transformations are pure functions, so runs can share one.
+@functools.cache
+def adam(learning_rate: float) -> optax.GradientTransformation:
+    """The chapter's Adam at a constant `learning_rate` (one object per rate)."""
+    return optax.adam(learning_rate)
+
+
 def _adam(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
     # The chapter's constant rate: the VQ families' runs stay what they were.
     del steps_per_epoch
-    return optax.adam(config.learning_rate)
+    return adam(config.learning_rate)
 
 
 def vit_learning_rate(learning_rate: float, num_steps: int) -> optax.Schedule:
@@ -142,11 +156,12 @@ def vit_learning_rate(learning_rate: float, num_steps: int) -> optax.Schedule:
     )
 
 
+@functools.cache
 def vit_optimizer(
     learning_rate: float, num_steps: int, weight_decay: float = 0.05
 ) -> optax.GradientTransformation:
     """SubCell's AdamW (betas 0.9 and 0.95) at `vit_learning_rate` over a
-    run of `num_steps` steps."""
+    run of `num_steps` steps (one object per setting, as `adam`)."""
     return optax.adamw(
         vit_learning_rate(learning_rate, num_steps),
         b1=0.9,

@@ -151,13 +151,27 @@ def vq_metrics(vq: VQOutput, level: str) -> dict[str, jax.Array]:
     }
 
 
+# One module object per distinct model in a process (`new_train_state`);
+# Flax modules are immutable templates, hashed and compared by their fields.
+_MODELS: dict[nn.Module, nn.Module] = {}
+
+
 def new_train_state(
     model: nn.Module, params, tx: optax.GradientTransformation, collections=None
 ) -> ModelState:
     """What `TrainState.create` does, with the optimizer's init compiled once
     rather than op by op (a new optimizer object must not recompile the model),
     and with the step an int32 array rather than a Python int, as a restored
-    checkpoint has it: the steps then compile once for both."""
+    checkpoint has it: the steps then compile once for both.
+
+    Equal models (the same class and fields) share one module object, so that
+    their states' `apply_fn` are equal: `jit` keys a step's program by the
+    state's static fields, and Python compares bound methods by the identity
+    of their object. With the same optimizer object too (`run_families`
+    makes one per setting), a second state of the same model (the demo's
+    second training, another seed, a resumed run) reuses the steps the first
+    one compiled."""
+    model = _MODELS.setdefault(model, model)
     return ModelState(
         step=jnp.zeros((), jnp.int32),
         apply_fn=model.apply,
