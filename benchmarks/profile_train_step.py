@@ -1,0 +1,200 @@
+"""Where a CPU train step's time goes, by kind of operation.
+
+Run by hand (never by the tests):
+
+    python benchmarks/profile_train_step.py  # the chapter's settings
+    python benchmarks/profile_train_step.py --batch-size 32 --embedding-dim 32
+
+It compiles `train_step` at the chapter's configuration (batch 256, K=512, D=64,
+50 classes, Adam 1e-3, the passes `train` uses), runs two warm-up steps, then
+records `--steps` steps with `jax.profiler` and reads the trace: every XLA
+operation that ran (a "thunk", named after its HLO instruction) is put in one
+kind by what its compiled HLO computes, and the kinds' summed times are
+printed per step as JSON, largest first, with the step's wall time. Kinds:
+
+- `conv weight grad`: a convolution whose window spans the image (the gradient
+  of a small kernel: 3x3 output, 25x25 to 100x100 window);
+- `conv`: the other convolutions (forward passes and input gradients), by the
+  spatial size of their output;
+- `dot`: matrix products (the head's dense layers, the quantizer's distances);
+- `reduce`: reductions (GroupNorm statistics, losses, code counts);
+- `rng`: the random bits of dropout (threefry);
+- `other`: element-wise work, copies, transposes, gathers, the optimizer.
+
+Summed thunk time exceeds the wall time when XLA runs operations on several
+threads at once.
+"""
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dlfb_localization.model import LocalizationModel
+from dlfb_localization.train import default_microbatches, train_step
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\(")
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
+_WINDOW = re.compile(r"window=\{size=(\d+)x(\d+)")
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=100)
+    parser.add_argument("--embedding-dim", type=int, default=64)
+    parser.add_argument("--num-embeddings", type=int, default=512)
+    parser.add_argument("--num-classes", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument(
+        "--microbatches",
+        type=int,
+        default=None,
+        help="passes per step (default: what train uses on this backend)",
+    )
+    return parser.parse_args()
+
+
+def _computations(hlo: str) -> dict[str, list[str]]:
+    """The HLO module's computations: name -> its instruction lines."""
+    computations: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in hlo.splitlines():
+        if line and not line.startswith((" ", "}")) and "{" in line:
+            match = _COMPUTATION.match(line)
+            current = computations.setdefault(match.group(1) if match else line, [])
+        elif line.startswith("  "):
+            current.append(line)
+    return computations
+
+
+def _kind(lines: list[str], computations: dict[str, list[str]]) -> str:
+    """The kind of work in these instruction lines (a fusion's, recursively)."""
+    kinds = set()
+    for line in lines:
+        match = _INSTRUCTION.match(line)
+        if match is None:
+            continue
+        shape, opcode = match.group(2), match.group(3)
+        if opcode == "convolution":
+            window = _WINDOW.search(line)
+            side = int(window.group(1)) if window else 1
+            dims = re.findall(r"\d+", shape.split("[", 1)[-1].split("]")[0])
+            out = int(dims[1]) if len(dims) > 2 else 0
+            kinds.add(
+                "conv weight grad" if side > 3 and out <= 3 else f"conv {out}x{out}"
+            )
+        elif opcode == "dot":
+            kinds.add("dot")
+        elif opcode in ("reduce", "reduce-window"):
+            kinds.add("reduce")
+        elif opcode in ("fusion", "call", "while"):
+            for called in _CALLS.findall(line) + re.findall(r"body=%([\w.\-]+)", line):
+                kinds.add(_kind(computations.get(called, []), computations))
+        if "threefry" in line or "rng" in opcode:
+            kinds.add("rng")
+    for kind in ("conv weight grad", "dot", "rng"):
+        if kind in kinds:
+            return kind
+    convs = sorted(k for k in kinds if k.startswith("conv "))
+    if convs:
+        return convs[-1]
+    return "reduce" if "reduce" in kinds else "other"
+
+
+def _instruction_kinds(hlo: str) -> dict[str, str]:
+    """Every instruction name of the compiled module -> its kind."""
+    computations = _computations(hlo)
+    kinds = {}
+    for lines in computations.values():
+        for line in lines:
+            match = _INSTRUCTION.match(line)
+            if match is not None:
+                kinds[match.group(1)] = _kind([line], computations)
+    return kinds
+
+
+def _thunk_seconds(trace_dir: Path) -> collections.Counter:
+    """Summed seconds of each XLA operation in the recorded trace."""
+    (path,) = trace_dir.rglob("perfetto_trace.json.gz")
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    seconds: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and "dur" in event:
+            seconds[event["name"]] += event["dur"] / 1e6
+    return seconds
+
+
+def main() -> None:
+    args = _parse_args()
+    model = LocalizationModel(
+        num_classes=args.num_classes,
+        embedding_dim=args.embedding_dim,
+        num_embeddings=args.num_embeddings,
+        commitment_cost=0.25,
+        dropout_rate=0.45,
+        classification_head_layers=2,
+    )
+    shape = (args.image_size, args.image_size, 1)
+    state = model.create_train_state(
+        jax.random.PRNGKey(0), jnp.zeros((1, *shape)), optax.adam(1e-3)
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        "images": jnp.asarray(rng.random((args.batch_size, *shape), np.float32)),
+        "labels": jnp.asarray(
+            rng.integers(0, args.num_classes, args.batch_size, dtype=np.int32)
+        ),
+    }
+    passes = args.microbatches or default_microbatches(args.batch_size)
+    key, weight = jax.random.PRNGKey(1), jnp.float32(1.0)
+    step_args = (batch, key, weight, passes)
+    hlo = train_step.lower(state, *step_args).compile().as_text()
+    for _ in range(2):
+        state, metrics = train_step(state, *step_args)
+        jax.block_until_ready(metrics)
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            for _ in range(args.steps):
+                state, metrics = train_step(state, *step_args)
+                jax.block_until_ready(metrics)
+        wall = (time.perf_counter() - start) / args.steps
+        seconds = _thunk_seconds(Path(folder))
+    kinds = _instruction_kinds(hlo)
+    by_kind: collections.Counter = collections.Counter()
+    for name, value in seconds.items():
+        if name in kinds:
+            by_kind[kinds[name]] += value / args.steps
+    total = sum(by_kind.values())
+    print(
+        json.dumps(
+            {
+                "batch_size": args.batch_size,
+                "passes": passes,
+                "wall_seconds_per_step_traced": round(wall, 3),
+                "thunk_seconds_per_step": round(total, 3),
+                "by_kind": {
+                    kind: {"seconds": round(value, 3), "share": round(value / total, 3)}
+                    for kind, value in by_kind.most_common()
+                },
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
