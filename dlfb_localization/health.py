@@ -167,7 +167,7 @@ def health_metrics(issues: list[HealthIssue]) -> dict[str, float]:
 
 
 def watch_health(history: HistoryLogger, epoch: int) -> str:
-    """Runs `health.check_health` after an epoch: records its flags, warns
+    """Runs `check_health` after an epoch: records its flags, warns
     (`TrainingHealthWarning`) when a check starts failing, and returns the
     progress bar's text."""
     issues = check_health(history.history())

@@ -262,3 +262,30 @@ def test_more_proteins_than_the_head_predicts_is_an_error_not_a_nan(splits):
         ValueError, match=r"'train' split has protein class 4.*4 classes"
     ):
         train(make_state(), jax.random.key(0), splits | {"train": five}, 1, 8, 1.0)
+
+
+def test_runs_with_the_same_settings_share_their_compiled_steps(module_tiny_release):
+    """Two states built for the same settings (two runs, a rerun, another seed)
+    have equal static fields, so `train_step` is traced and compiled once for
+    both; another learning rate is another program."""
+    import dataclasses
+
+    from dlfb_localization.runs import RunConfig, build_splits, create_state
+
+    config = RunConfig(
+        data=str(module_tiny_release[0]), embedding_dim=8, num_embeddings=16
+    )
+    splits = build_splits(config)
+    first, second = create_state(config, splits), create_state(config, splits)
+    assert first.tx is second.tx and first.apply_fn == second.apply_fn
+    assert jax.tree.structure(first) == jax.tree.structure(second)
+    other = create_state(dataclasses.replace(config, learning_rate=1e-2), splits)
+    assert jax.tree.structure(other) != jax.tree.structure(first)
+
+    batch = next(splits["train"].get_batches(jax.random.key(0), 8))
+    batch = {"images": batch["images"], "labels": batch["labels"]}
+    compiled = []
+    for state in (first, second):
+        train_step(state, batch, jax.random.key(1), WEIGHT, 1)
+        compiled.append(train_step._cache_size())
+    assert compiled[1] == compiled[0]
