@@ -93,9 +93,13 @@ def test_full_model_has_two_levels_two_heads_and_cytoself_loss(outputs_and_param
         jnp.mean(jnp.square(outputs.local_from_global - outputs.local_latents)),
         rtol=1e-6,
     )
-    # The image loss is divided by the data's variance.
+    # The image loss is divided by the data's variance. Up to float32
+    # rounding: the two divisions round differently (they agreed to the bit at
+    # XLA's optimization level 0, not at level 2).
     halved = compute_losses(outputs._replace(data_variance=0.5), batch, 1.0)
-    np.testing.assert_allclose(halved["recon_loss"], 2 * values["recon_loss"])
+    np.testing.assert_allclose(
+        halved["recon_loss"], 2 * values["recon_loss"], rtol=1e-6
+    )
     for head in ("head_local", "head_global"):
         assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads[head]))
     # Without the classification weight, neither head gets a gradient.
