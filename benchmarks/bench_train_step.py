@@ -39,8 +39,10 @@ from dlfb_localization.train import default_microbatches, train_step
 FLOP_PER_IMAGE = 2.01e9
 
 
-def _parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The chapter's configuration as flags (`make_step_inputs` reads them);
+    `benchmarks/profile_train_step.py` uses them too."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=100)
     parser.add_argument("--channels", type=int, default=1)
@@ -60,6 +62,11 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--microbatches", type=int, default=None, help="default: what train uses"
     )
+    return parser
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--peak-tflops",
         type=float,
@@ -91,8 +98,10 @@ def _matmul_gflops(n: int = 2048, rounds: int = 5, repeats: int = 5) -> float:
     return best
 
 
-def main() -> None:
-    args = _parse_args()
+def make_step_inputs(args: argparse.Namespace) -> tuple:
+    """`(state, batch, rng_dropout, weight, microbatches)`: the chapter's model
+    and Adam at the flags' sizes, one seeded random batch, and the passes
+    `train` would use (or `--microbatches`)."""
     model = LocalizationModel(
         num_classes=args.num_classes,
         embedding_dim=args.embedding_dim,
@@ -116,6 +125,12 @@ def main() -> None:
     )
     weight = jnp.float32(1.0)
     microbatches = args.microbatches or default_microbatches(args.batch_size)
+    return state, batch, rng_dropout, weight, microbatches
+
+
+def main() -> None:
+    args = _parse_args()
+    state, batch, rng_dropout, weight, microbatches = make_step_inputs(args)
 
     start = time.perf_counter()
     for _ in range(args.warmup_steps):
@@ -153,7 +168,7 @@ def main() -> None:
                 "steps": args.steps,
                 "warmup_steps": args.warmup_steps,
                 "batch_size": args.batch_size,
-                "input_shape": list(shape[1:]),
+                "input_shape": list(batch["images"].shape[1:]),
                 "embedding_dim": args.embedding_dim,
                 "num_embeddings": args.num_embeddings,
                 "num_classes": args.num_classes,

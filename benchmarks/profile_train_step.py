@@ -6,11 +6,12 @@ Run by hand (never by the tests):
     python benchmarks/profile_train_step.py --batch-size 32 --embedding-dim 32
 
 It compiles `train_step` at the chapter's configuration (batch 256, K=512, D=64,
-50 classes, Adam 1e-3, the passes `train` uses), runs two warm-up steps, then
-records `--steps` steps with `jax.profiler` and reads the trace: every XLA
-operation that ran (a "thunk", named after its HLO instruction) is put in one
-kind by what its compiled HLO computes, and the kinds' summed times are
-printed per step as JSON, largest first, with the step's wall time. Kinds:
+50 classes, Adam 1e-3, the passes `train` uses; the flags and the setup are
+`bench_train_step.py`'s), runs the warm-up steps, then records `--steps` steps
+with `jax.profiler` and reads the trace: every XLA operation that ran (a
+"thunk", named after its HLO instruction) is put in one kind by what its
+compiled HLO computes, and the kinds' summed times are printed per step as
+JSON, largest first, with the step's wall time. Kinds:
 
 - `conv weight grad`: a convolution whose window spans the image (the gradient
   of a small kernel: 3x3 output, 25x25 to 100x100 window);
@@ -25,7 +26,6 @@ Summed thunk time exceeds the wall time when XLA runs operations on several
 threads at once.
 """
 
-import argparse
 import collections
 import gzip
 import json
@@ -35,34 +35,14 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+from bench_train_step import build_parser, make_step_inputs
 
-from dlfb_localization.model import LocalizationModel
-from dlfb_localization.train import default_microbatches, train_step
+from dlfb_localization.train import train_step
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\(")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
 _WINDOW = re.compile(r"window=\{size=(\d+)x(\d+)")
-
-
-def _parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--image-size", type=int, default=100)
-    parser.add_argument("--embedding-dim", type=int, default=64)
-    parser.add_argument("--num-embeddings", type=int, default=512)
-    parser.add_argument("--num-classes", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument(
-        "--microbatches",
-        type=int,
-        default=None,
-        help="passes per step (default: what train uses on this backend)",
-    )
-    return parser.parse_args()
 
 
 def _computations(hlo: str) -> dict[str, list[str]]:
@@ -138,31 +118,15 @@ def _thunk_seconds(trace_dir: Path) -> collections.Counter:
 
 
 def main() -> None:
-    args = _parse_args()
-    model = LocalizationModel(
-        num_classes=args.num_classes,
-        embedding_dim=args.embedding_dim,
-        num_embeddings=args.num_embeddings,
-        commitment_cost=0.25,
-        dropout_rate=0.45,
-        classification_head_layers=2,
-    )
-    shape = (args.image_size, args.image_size, 1)
-    state = model.create_train_state(
-        jax.random.PRNGKey(0), jnp.zeros((1, *shape)), optax.adam(1e-3)
-    )
-    rng = np.random.default_rng(0)
-    batch = {
-        "images": jnp.asarray(rng.random((args.batch_size, *shape), np.float32)),
-        "labels": jnp.asarray(
-            rng.integers(0, args.num_classes, args.batch_size, dtype=np.int32)
-        ),
-    }
-    passes = args.microbatches or default_microbatches(args.batch_size)
-    key, weight = jax.random.PRNGKey(1), jnp.float32(1.0)
-    step_args = (batch, key, weight, passes)
+    parser = build_parser(__doc__.splitlines()[0])
+    parser.set_defaults(steps=2)
+    args = parser.parse_args()
+    state, *step_args = make_step_inputs(args)
+    passes = step_args[-1]
+    # The program's HLO names the operations in the trace. The steps run
+    # through `jit`, as `train` runs them.
     hlo = train_step.lower(state, *step_args).compile().as_text()
-    for _ in range(2):
+    for _ in range(args.warmup_steps):
         state, metrics = train_step(state, *step_args)
         jax.block_until_ready(metrics)
     with tempfile.TemporaryDirectory() as folder:
