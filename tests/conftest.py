@@ -156,6 +156,20 @@ def assert_same_tree(a, b) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def encoding_indices(state, images) -> np.ndarray:
+    """The chapter model's code indices of `images`, recomputed apart from the
+    library's batching, in one jitted call (op by op, it compiled ~40
+    programs)."""
+    from dlfb_localization.model import LocalizationModel
+
+    def encode(params, x):
+        return state.apply_fn(
+            {"params": params}, x, method=LocalizationModel.get_encoding_indices
+        )
+
+    return np.asarray(jax.jit(encode)(state.params, images))
+
+
 def latest_checkpoint_meta(checkpoints: Path) -> dict:
     """The metadata of the newest checkpoint in the folder `checkpoints`."""
     from dlfb_localization import checkpoint

@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 import tiny
+from conftest import encoding_indices
 from scipy.cluster.hierarchy import linkage
 from sklearn.metrics import adjusted_rand_score
 
@@ -70,13 +71,7 @@ def test_every_frame_once_in_order_and_histograms_recount_the_indices():
     np.testing.assert_array_equal(embeddings["frame_ids"], split.labels.frame_ids)
     assert embeddings["frame_ids"].dtype == np.int64
     images = full.images.frames[split.labels.frame_ids]
-    indices = np.asarray(  # jitted: op by op, this compiled ~40 programs
-        jax.jit(
-            lambda params, x: state.apply_fn(
-                {"params": params}, x, method=LocalizationModel.get_encoding_indices
-            )
-        )(state.params, images)
-    )
+    indices = encoding_indices(state, images)
     assert indices.shape == (len(split), 4, 4)
     recount = np.stack(
         [np.bincount(i.ravel(), minlength=NUM_EMBEDDINGS) for i in indices]

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 import tiny
+from conftest import encoding_indices
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.embeddings import aggregate_by_protein, protein_localization_sets
@@ -277,13 +278,7 @@ def test_evaluate_probes_every_embedding_k_nn_scores_at_protein_level(evaluated)
 def test_evaluate_codebook_health_and_mse_recount_the_split(evaluated):
     split, state, result, _ = evaluated
     images = split.images.frames
-    indices = np.asarray(  # jitted: op by op, this compiled ~40 programs
-        jax.jit(
-            lambda params, x: state.apply_fn(
-                {"params": params}, x, method=LocalizationModel.get_encoding_indices
-            )
-        )(state.params, images)
-    )
+    indices = encoding_indices(state, images)
     counts = np.bincount(indices.ravel(), minlength=16)
     assert result["codebook"] == pytest.approx(compute_codebook_health(counts))
     mse = np.mean((np.asarray(reconstruct(state, images)) - images) ** 2)
