@@ -73,12 +73,17 @@ def pytest_configure(config):
     in the compile options, so there is exactly one folder), not by Python
     objects: a new optimizer object, a model differing only in what
     initialization drops (dropout, compute dtype), another worker or a
-    subprocess then loads the executable instead of compiling it again. Giving
-    the cache a size limit makes JAX lock it (with `filelock`) around every read
-    and write, so two processes never see a half-written entry. It must be set
-    before the first compilation (collection compiles), and it starts empty,
-    so a run never depends on an earlier one. A cache directory already set in
-    the environment is used as it is.
+    subprocess then loads the executable instead of compiling it again. It has
+    no size limit: with one, JAX locks the folder and lists and reads every
+    entry's time stamp at each write to find what to evict, which made the
+    writes cost as much as the compilations (33.6 of 146 s of test_vit,
+    test_quantizer and test_cytoself on one worker; more as the folder fills).
+    Without the lock, two processes writing the same entry at the same moment
+    could let a third read half of it: JAX then warns that the entry does not
+    decompress and compiles the program instead. It must be set before the
+    first compilation (collection compiles), and it starts empty, so a run
+    never depends on an earlier one. A cache directory already set in the
+    environment is used as it is.
     """
     flags = os.environ.get("XLA_FLAGS", "").split()
     if not any("xla_backend_optimization_level" in flag for flag in flags):
@@ -101,8 +106,8 @@ def pytest_configure(config):
         # Cache every program, not only those that took a second to compile: at
         # level 0 most do not, and other processes repeat them.
         "jax_persistent_cache_min_compile_time_secs": 0,
-        # A limit turns on the cache's file lock; far above what a session uses.
-        "jax_compilation_cache_max_size": 8 << 30,
+        # No limit, hence no eviction scan at each write (see above).
+        "jax_compilation_cache_max_size": -1,
     }
     for name, value in settings.items():
         os.environ[name.upper()] = str(value)
