@@ -24,6 +24,7 @@ from dlfb_localization.inspect.embeddings.utils import (
     get_frame_embeddings,
 )
 from dlfb_localization.model import LocalizationModel
+from dlfb_localization.projection import umap_module
 
 NUM_EMBEDDINGS = 16
 MODEL = LocalizationModel(**{**tiny.CHAPTER, "num_embeddings": NUM_EMBEDDINGS})
@@ -272,6 +273,13 @@ def test_real_aligned_umap_is_reproducible_and_keeps_each_sets_frames():
     assert np.isfinite(first["b"].coordinates).all()
     for name in sets:
         np.testing.assert_array_equal(first[name].coordinates, again[name].coordinates)
+    # The second one reused the layout's compiled epoch: umap asks numba for it
+    # at every call, and gets the one dispatcher kept for those options.
+    layouts = umap_module().layouts
+    epoch = layouts._optimize_layout_aligned_euclidean_single_epoch
+    kept = layouts.numba._dispatchers
+    (options,) = [options for function, options in kept if function is epoch]
+    assert layouts.numba.njit(epoch, **dict(options)) is kept[epoch, options]
 
 
 def test_palette_covers_exactly_the_nine_localizations():
