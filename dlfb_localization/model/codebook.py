@@ -27,7 +27,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sklearn.cluster import KMeans
 
 from dlfb_localization.model.quantizer import l2_normalize
 
@@ -203,6 +202,10 @@ def kmeans_codebook(
         raise ValueError("k-means initialisation needs finite encoder outputs")
     rng = np.random.default_rng(seed)
     n_clusters = min(num_embeddings, len(np.unique(vectors, axis=0)))
+    # Imported here: scikit-learn takes ~2 s to import, which every training
+    # process paid, and only this initialisation uses it.
+    from sklearn.cluster import KMeans
+
     kmeans = KMeans(n_clusters=n_clusters, n_init=1, max_iter=25, random_state=seed)
     centroids = kmeans.fit(vectors).cluster_centers_
     if n_clusters < num_embeddings:
