@@ -12,6 +12,7 @@ beside each step and refuses a run whose record differs.
 """
 
 import dataclasses
+import functools
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax.training.train_state import TrainState
 
 from dlfb_localization.model.interface import model_of
@@ -241,10 +243,7 @@ def describe_train_state(state: TrainState) -> dict[str, Any]:
       fingerprints up to float rounding wherever they sit in a configuration.
     """
     opt_leaves, opt_structure = jax.tree.flatten(state.opt_state)
-    probe_gradient = jax.tree.map(jnp.ones_like, state.params)
-    probe_update, _ = jax.jit(state.tx.update)(
-        probe_gradient, state.opt_state, state.params
-    )
+    probe_update = _probe_update(state.tx, state.opt_state, state.params)
     return to_json(
         {
             "model": _describe_model(state),
@@ -259,6 +258,15 @@ def describe_train_state(state: TrainState) -> dict[str, Any]:
             "init_params": _fingerprint(state.params),
         }
     )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _probe_update(tx: optax.GradientTransformation, opt_state, params):
+    """The optimizer's update for a gradient of ones, in one compiled program
+    per optimizer and parameter shapes (made op by op, the ones compiled a
+    program per parameter shape at every run)."""
+    update, _ = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+    return update
 
 
 def rng_record(rng: jax.Array) -> list:
