@@ -287,6 +287,9 @@ def reference_run(tmp_path_factory):
     shutil.copytree(built / "store", store_path)
     with np.load(built / "state.npz") as saved:
         leaves = [jax.device_put(saved[f"arr_{i}"]) for i in range(len(saved.files))]
-    state = jax.tree.unflatten(jax.tree.structure(worker.make_state()), leaves)
+    # The structure only: `eval_shape` traces the state without initialising it.
+    state = jax.tree.unflatten(
+        jax.tree.structure(jax.eval_shape(worker.make_state)), leaves
+    )
     metrics = json.loads((built / "metrics.json").read_text())
     return store_path, state, metrics
