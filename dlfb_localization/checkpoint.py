@@ -20,6 +20,7 @@ names the differing fields.
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -64,6 +65,11 @@ __all__ = [
 FORMAT_VERSION = 1
 # Two steps, so that the previous epoch survives while the next one is written.
 MAX_TO_KEEP = 2
+# Orbax numbers its operations with one counter per process and signals between
+# its threads by that number: two saves at the same time (runs trained in
+# threads, `demo`) read each other's signals and time out. A process's saves and
+# restores take turns.
+_ORBAX_TURN = threading.Lock()
 
 
 class DamagedCheckpointError(ValueError):
@@ -91,10 +97,11 @@ def open_manager(store_path: str | os.PathLike) -> ocp.CheckpointManager:
     `*.orbax-checkpoint-tmp*` folder) is ignored and overwritten when that step
     is saved again.
     """
-    return ocp.CheckpointManager(
-        Path(store_path).expanduser().absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True),
-    )
+    with _ORBAX_TURN:
+        return ocp.CheckpointManager(
+            Path(store_path).expanduser().absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True),
+        )
 
 
 def save_epoch(
@@ -125,14 +132,15 @@ def save_epoch(
         },
     }
     try:
-        manager.save(
-            int(state.step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_state_items(state)),
-                meta=ocp.args.JsonSave(to_json(meta)),
-            ),
-        )
-        manager.wait_until_finished()
+        with _ORBAX_TURN:
+            manager.save(
+                int(state.step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_state_items(state)),
+                    meta=ocp.args.JsonSave(to_json(meta)),
+                ),
+            )
+            manager.wait_until_finished()
     except OSError as error:
         raise OSError(
             f"could not write the checkpoint of epoch {epoch + 1} into "
@@ -144,9 +152,10 @@ def save_epoch(
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     """The JSON "meta" item of a step (config, epoch, metrics, version)."""
-    restored = manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-    )
+    with _ORBAX_TURN:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )
     return restored["meta"]
 
 
@@ -160,9 +169,11 @@ def restore_state(
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_items(target))
     try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )
+        with _ORBAX_TURN:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)),
+            )
     except json.JSONDecodeError:
         raise  # a garbled file, not another layout
     except ValueError as error:

@@ -8,7 +8,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import _train_worker as worker
@@ -344,6 +346,50 @@ def test_a_checkpoint_of_a_plain_train_state_restores_into_a_model_state(tmp_pat
     assert type(restored) is type(state) and restored.model == model
     assert int(restored.step) == 3
     assert_same_tree(restored.params, old.params)
+
+
+def test_runs_saving_in_threads_at_the_same_time_keep_every_step(tmp_path):
+    # `demo` trains its models in threads: Orbax signals between its own
+    # threads by a per-process operation number, and two saves at once used to
+    # read each other's signals and time out. Each run's steps are all there,
+    # with its own arrays and metadata.
+    model = LocalizationModel(**tiny.CHAPTER)
+    state = model.create_train_state(
+        jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)), optax.adam(1e-3)
+    )
+    start = threading.Barrier(2)
+
+    def save_steps(name: str, offset: float) -> None:
+        manager = checkpoint.open_manager(tmp_path / name)
+        try:
+            start.wait()
+            for epoch in range(3):
+                saved = state.replace(
+                    step=epoch + 1,
+                    params=jax.tree.map(
+                        lambda x, v=offset + epoch: x + v, state.params
+                    ),
+                )
+                checkpoint.save_epoch(manager, saved, epoch, {"run": name}, {})
+        finally:
+            manager.close()
+
+    with ThreadPoolExecutor(2) as pool:
+        for future in [
+            pool.submit(save_steps, "a", 0.0),
+            pool.submit(save_steps, "b", 10.0),
+        ]:
+            future.result(timeout=120)
+    for name, offset in (("a", 0.0), ("b", 10.0)):
+        manager = checkpoint.open_manager(tmp_path / name)
+        try:
+            assert manager.all_steps() == [2, 3]  # MAX_TO_KEEP
+            assert checkpoint.read_meta(manager, 3)["config"] == {"run": name}
+            restored = checkpoint.restore_state(manager, 3, state)
+        finally:
+            manager.close()
+        expected = jax.tree.map(lambda x, v=offset + 2: x + v, state.params)
+        assert_same_tree(restored.params, expected)
 
 
 def _truncate_largest_array_file(step: Path) -> None:
