@@ -15,7 +15,9 @@ checkpoints instead of trained again.
 """
 
 import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dlfb_localization import __version__
@@ -28,7 +30,7 @@ from dlfb_localization.figures import save_figure, write_model_figures
 from dlfb_localization.files import write_json, write_text
 from dlfb_localization.locks import lock_folder
 from dlfb_localization.run_record import to_json, tree_sha256
-from dlfb_localization.runs import RunConfig, create_state, train_run
+from dlfb_localization.runs import Run, RunConfig, build_splits, create_state, train_run
 
 EMBEDDED_SAMPLE = SyntheticSpec(
     n_proteins=40, fovs_per_protein=4, crops_per_fov=10, n_blocks=2, seed=0
@@ -108,11 +110,12 @@ def _run(out: Path, seed: int) -> Path:
         )
         for name, (_, weight) in MODELS.items()
     }
-    clock.stage("training", f"training (or restoring) {len(MODELS)} models")
-    runs = {}
-    for i, (name, (title, _)) in enumerate(MODELS.items()):
-        print(f"  model {i + 1} of {len(MODELS)}: {title}")
-        runs[name] = train_run(configs[name], out / "runs" / name)
+    clock.stage(
+        "training", f"training (or restoring) {len(MODELS)} models at the same time"
+    )
+    for name, (title, _) in MODELS.items():
+        print(f"  {name}: {title}")
+    runs = _train_at_once(configs, out / "runs")
 
     clock.stage(
         "evaluation", "evaluating on unseen proteins (k-NN, cluster scores, UMAPs)"
@@ -191,6 +194,33 @@ def _run(out: Path, seed: int) -> Path:
     clock.stop()
     print(f"run folder: {out.resolve()}\nreport: {report.resolve()}")
     return report
+
+
+def _train_at_once(configs: dict[str, RunConfig], folder: Path) -> dict[str, Run]:
+    """`train_run` of each config into `folder / name`, all at the same time,
+    one thread each.
+
+    At the demo's batch of 32, XLA keeps only 1.6 of 2 CPU cores busy with one
+    training; two at once keep 1.9 busy and take about a fifth less time (both
+    models, 2 epochs: 85 s against 109 s). Each run's arithmetic is the same
+    as alone: their losses are bit-identical to sequential runs'. The data's
+    cache is built first, so that the runs only read it.
+
+    A thread cannot be interrupted, so Ctrl-C ends the process at once, as a
+    kill would: every finished epoch is checkpointed (an unfinished save is
+    never taken for one), and running the demo again resumes.
+    """
+    build_splits(next(iter(configs.values())), progress=True)
+    with ThreadPoolExecutor(len(configs), thread_name_prefix="train") as pool:
+        futures = {
+            name: pool.submit(train_run, config, folder / name)
+            for name, config in configs.items()
+        }
+        try:
+            return {name: future.result() for name, future in futures.items()}
+        except KeyboardInterrupt:
+            print("\nstopped: run the demo again to resume", flush=True)
+            os._exit(130)
 
 
 def _write_samples(out: Path) -> None:

@@ -162,6 +162,7 @@ def fit(
     losses: Sequence[str] = ("total_loss",),
     batches: Callable[[jax.Array], Iterable[Batch]] | None = None,
     steps_per_epoch: int | None = None,
+    label: str | None = None,
 ) -> tuple[State, History]:
     """Trains `state` epoch by epoch with `step`, optionally checkpointed.
 
@@ -217,6 +218,8 @@ def fit(
         (default `len(train_split) // batch_size`, the shuffled batches'
         count); pass the count of `batches`' epochs. An epoch that took
         another number of steps corrects the bar's total when it ends.
+      label: names the run at the start of its progress bar ("label: Epoch
+        e/n"), for runs trained at the same time (`demo.run`).
 
     Returns:
       `(state, metrics)`: the final state and `metrics[split][name]`, a list of
@@ -269,6 +272,7 @@ def fit(
 
         if steps_per_epoch is None:
             steps_per_epoch = len(train_split) // batch_size
+        prefix = "" if label is None else f"{label}: "
         bar = tqdm(
             total=num_epochs * steps_per_epoch,
             initial=start_epoch * steps_per_epoch,
@@ -276,7 +280,7 @@ def fit(
         )
         with bar:
             for epoch in range(start_epoch, num_epochs):
-                bar.set_description(f"Epoch {epoch + 1}/{num_epochs}")
+                bar.set_description(f"{prefix}Epoch {epoch + 1}/{num_epochs}")
                 first_step = int(state.step)
                 rng_epoch = jax.random.fold_in(rng_data, epoch)
                 if batches is None:
@@ -298,7 +302,9 @@ def fit(
                 if evaluate is not None and (
                     epoch % eval_every == 0 or epoch == num_epochs - 1
                 ):
-                    bar.set_description(f"Epoch {epoch + 1}/{num_epochs}, validating")
+                    bar.set_description(
+                        f"{prefix}Epoch {epoch + 1}/{num_epochs}, validating"
+                    )
                     for batch in eval_split.get_batches(
                         rng_data, batch_size, shuffle=False, drop_remainder=False
                     ):
@@ -313,7 +319,9 @@ def fit(
                 else:
                     bar.set_postfix_str(on_epoch(history, epoch))
                 if manager is not None:
-                    bar.set_description(f"Epoch {epoch + 1}/{num_epochs}, saving")
+                    bar.set_description(
+                        f"{prefix}Epoch {epoch + 1}/{num_epochs}, saving"
+                    )
                     checkpoint.save_epoch(
                         manager, state, epoch, config, history.export()
                     )

@@ -262,6 +262,7 @@ def train_run(
             settings=config.settings(),
             batches=plan.batches,
             steps_per_epoch=plan.steps_per_epoch,
+            label=store.name,
         )
         write_json(metrics, store / METRICS_FILE)
     return Run(config, splits, state, metrics, _keys(config.seed).frames)

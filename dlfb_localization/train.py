@@ -290,6 +290,7 @@ def train(
     settings: Mapping[str, Any] | None = None,
     batches: Callable[[jax.Array], Iterable[Batch]] | None = None,
     steps_per_epoch: int | None = None,
+    label: str | None = None,
 ) -> tuple[TrainState, History]:
     """Trains a model family (`model.interface`) epoch by epoch: a VQ-VAE,
     optionally with its protein-id head, or a ViT.
@@ -332,6 +333,7 @@ def train(
         `dataset.protein_batches`), or None for the split's shuffled batches.
       steps_per_epoch: how many batches `batches` gives an epoch, for the
         progress bar (`loop.fit`); default the shuffled batches' count.
+      label: names the run in its progress bar (`loop.fit`).
 
     Returns:
       `(state, metrics)`: the final state and `metrics[split][name]`, a list of
@@ -393,4 +395,5 @@ def train(
         config=config,
         batches=batches,
         steps_per_epoch=steps_per_epoch,
+        label=label,
     )
