@@ -14,13 +14,17 @@ Run again with the same folder, the finished runs are restored from their
 checkpoints instead of trained again.
 """
 
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from dlfb_localization import __version__
+from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.synthetic import SyntheticSpec, write_release
 from dlfb_localization.demo_report import report_markdown
@@ -29,6 +33,7 @@ from dlfb_localization.evaluate import evaluate
 from dlfb_localization.figures import save_figure, write_model_figures
 from dlfb_localization.files import write_json, write_text
 from dlfb_localization.locks import lock_folder
+from dlfb_localization.model.interface import ModelState
 from dlfb_localization.run_record import to_json, tree_sha256
 from dlfb_localization.runs import Run, RunConfig, build_splits, create_state, train_run
 
@@ -93,7 +98,7 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
 
 
 def _run(out: Path, seed: int) -> Path:
-    clock = _Clock(total=5)
+    clock = _Clock(total=4)
     clock.stage(
         "data",
         f"writing the embedded sample and {EVALUATION_SAMPLE.n_proteins} unseen "
@@ -118,7 +123,9 @@ def _run(out: Path, seed: int) -> Path:
     runs = _train_at_once(configs, out / "runs")
 
     clock.stage(
-        "evaluation", "evaluating on unseen proteins (k-NN, cluster scores, UMAPs)"
+        "evaluation and figures",
+        "evaluating on unseen proteins (k-NN, probe, cluster scores) and, at the "
+        "same time, drawing the figures",
     )
     evaluation_split = DatasetBuilder(out / "evaluation_data").build(
         rng=seed, splits={"evaluation": 1.0}
@@ -129,50 +136,38 @@ def _run(out: Path, seed: int) -> Path:
         **{name: run.state for name, run in runs.items()},
     }
     inputs = {name: _inputs(state, evaluation_split) for name, state in states.items()}
-    results, embeddings = {}, {}
-    for name, state in states.items():
-        path = out / "evaluation" / f"{name}.json"
-        results[name] = _reuse(path, inputs[name])
-        if results[name] is not None:
-            print(f"  {name}: reused {path} (same model, data and settings)")
-            continue
-        print(f"  {name}")
-        embeddings[name] = get_frame_embeddings(state, evaluation_split)
-        results[name] = evaluate(
-            state,
-            evaluation_split,
-            out_path=path,
-            progress=True,
-            frame_embeddings=embeddings[name],
-        )
-        write_json(inputs[name], _inputs_path(path))
-
-    clock.stage("figures", "writing the figures")
-    figures = out / "figures"
-    drawn = {name: inputs[name] for name in runs}
-    written = _reused_figures(out, drawn)
-    if written is not None:
-        print(f"  reused {figures} (same models and data)")
-    else:
-        figures.mkdir(parents=True, exist_ok=True)
-        train_split = first.splits["train"]
-        written = {
-            "random_frames": save_figure(
-                train_split.plot_random_frames(n=16, rng=first.rng_frames),
-                figures / "random_frames.png",
+    results = {
+        name: _reuse(_evaluation_path(out, name), inputs[name]) for name in states
+    }
+    for name, result in results.items():
+        if result is not None:
+            print(
+                f"  {name}: reused {_evaluation_path(out, name)} (same model and data)"
             )
+    # What both evaluation and figures read, computed once, before they start.
+    embeddings = {
+        name: get_frame_embeddings(state, evaluation_split)
+        for name, state in states.items()
+        if results[name] is None
+    }
+    drawn = {name: inputs[name] for name in runs}
+    done = _at_once(
+        {
+            "results": functools.partial(
+                _evaluate_models,
+                out,
+                {name: states[name] for name in embeddings},
+                evaluation_split,
+                embeddings,
+                inputs,
+            ),
+            "figures": functools.partial(
+                _figures, out, runs, evaluation_split, embeddings, drawn
+            ),
         }
-        written |= write_model_figures(
-            {name: (run.state, run.metrics) for name, run in runs.items()},
-            evaluation_split,
-            figures,
-            rng=first.rng_frames,
-            titles={name: title for name, (title, _) in MODELS.items()},
-            frame_embeddings=embeddings,
-            map_model=MAP_MODEL,
-        )
-        listing = {key: str(path.relative_to(out)) for key, path in written.items()}
-        write_json({"inputs": drawn, "figures": listing}, _inputs_path(figures))
+    )
+    results |= done["results"]
+    written = done["figures"]
 
     clock.stage("report", "writing the report")
     report = out / "report.md"
@@ -197,30 +192,104 @@ def _run(out: Path, seed: int) -> Path:
 
 
 def _train_at_once(configs: dict[str, RunConfig], folder: Path) -> dict[str, Run]:
-    """`train_run` of each config into `folder / name`, all at the same time,
-    one thread each.
+    """`train_run` of each config into `folder / name`, all at the same time
+    (`_at_once`).
 
     At the demo's batch of 32, XLA keeps only 1.6 of 2 CPU cores busy with one
     training; two at once keep 1.9 busy and take about a fifth less time (both
     models, 2 epochs: 85 s against 109 s). Each run's arithmetic is the same
     as alone: their losses are bit-identical to sequential runs'. The data's
     cache is built first, so that the runs only read it.
+    """
+    build_splits(next(iter(configs.values())), progress=True)
+    return _at_once(
+        {
+            name: functools.partial(train_run, config, folder / name)
+            for name, config in configs.items()
+        }
+    )
+
+
+def _at_once(tasks: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """`{name: task()}`, each task in its own thread, all at the same time.
 
     A thread cannot be interrupted, so Ctrl-C ends the process at once, as a
     kill would: every finished epoch is checkpointed (an unfinished save is
-    never taken for one), and running the demo again resumes.
+    never taken for one), every file is written through a temporary name, and
+    running the demo again resumes.
     """
-    build_splits(next(iter(configs.values())), progress=True)
-    with ThreadPoolExecutor(len(configs), thread_name_prefix="train") as pool:
-        futures = {
-            name: pool.submit(train_run, config, folder / name)
-            for name, config in configs.items()
-        }
+    with ThreadPoolExecutor(len(tasks), thread_name_prefix="demo") as pool:
+        futures = {name: pool.submit(task) for name, task in tasks.items()}
         try:
             return {name: future.result() for name, future in futures.items()}
         except KeyboardInterrupt:
             print("\nstopped: run the demo again to resume", flush=True)
             os._exit(130)
+
+
+def _evaluation_path(out: Path, name: str) -> Path:
+    return out / "evaluation" / f"{name}.json"
+
+
+def _evaluate_models(
+    out: Path,
+    states: dict[str, ModelState],
+    evaluation_split: Dataset,
+    embeddings: dict[str, dict],
+    inputs: dict[str, dict],
+) -> dict[str, dict]:
+    """`evaluate` of each state, written to `out/evaluation/<name>.json` with
+    what it was computed from beside it (`<name>.json.inputs.json`)."""
+    results = {}
+    for name, state in states.items():
+        print(f"  evaluating {name}")
+        path = _evaluation_path(out, name)
+        results[name] = evaluate(
+            state,
+            evaluation_split,
+            out_path=path,
+            progress=True,
+            frame_embeddings=embeddings[name],
+        )
+        write_json(inputs[name], _inputs_path(path))
+    return results
+
+
+def _figures(
+    out: Path,
+    runs: dict[str, Run],
+    evaluation_split: Dataset,
+    embeddings: dict[str, dict],
+    drawn: dict[str, dict],
+) -> dict[str, Path]:
+    """Draws the figures into `out/figures`, or reuses those drawn from models
+    and data with these inputs (`drawn`); returns their paths by name. Only
+    this thread draws: matplotlib's pyplot is not thread-safe."""
+    figures = out / "figures"
+    written = _reused_figures(out, drawn)
+    if written is not None:
+        print(f"  reused {figures} (same models and data)")
+        return written
+    figures.mkdir(parents=True, exist_ok=True)
+    first = next(iter(runs.values()))
+    written = {
+        "random_frames": save_figure(
+            first.splits["train"].plot_random_frames(n=16, rng=first.rng_frames),
+            figures / "random_frames.png",
+        )
+    }
+    written |= write_model_figures(
+        {name: (run.state, run.metrics) for name, run in runs.items()},
+        evaluation_split,
+        figures,
+        rng=first.rng_frames,
+        titles={name: title for name, (title, _) in MODELS.items()},
+        frame_embeddings=embeddings,
+        map_model=MAP_MODEL,
+    )
+    listing = {key: str(path.relative_to(out)) for key, path in written.items()}
+    write_json({"inputs": drawn, "figures": listing}, _inputs_path(figures))
+    return written
 
 
 def _write_samples(out: Path) -> None:
@@ -317,6 +386,6 @@ def _plan(out: Path) -> str:
         f"classification head ({DEMO_TRAINING['num_epochs']} epochs each), "
         f"evaluates both on {EVALUATION_SAMPLE.n_proteins} unseen proteins and "
         f"writes figures and a report into {out.resolve()}.\n"
-        "It takes about 7-10 minutes on 2 CPU cores (less with a GPU). Stop it "
+        "It takes about 6-7 minutes on 2 CPU cores (less with a GPU). Stop it "
         "with Ctrl-C: run again, it resumes, and finished models are restored."
     )

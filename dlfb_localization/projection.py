@@ -11,6 +11,7 @@ code for it is kept on disk (`umap_module`).
 import functools
 import itertools
 import sys
+import threading
 import types
 import warnings
 from collections.abc import Mapping
@@ -31,10 +32,10 @@ UMAP_NEIGHBORS = 15
 UMAP_MIN_DIST = 0.1
 
 
-@functools.cache
 def umap_module():
     """`umap`, imported, with numba's compiled code of its functions cached on
-    disk.
+    disk. Threads may call it at the same time (`demo` evaluates and draws at
+    once): the first one sets it up, the others wait for it.
 
     numba compiles UMAP's functions again in every new process: on a CPU that
     takes tens of seconds (a UMAP of a few hundred frames: 15 s; an AlignedUMAP:
@@ -48,6 +49,15 @@ def umap_module():
     it cannot cache as before. Imported here, not at the module's import, to
     keep numba off the import path.
     """
+    with _SETTING_UP:
+        return _set_up_umap()
+
+
+_SETTING_UP = threading.Lock()
+
+
+@functools.cache
+def _set_up_umap():
     import umap
     import umap.aligned_umap  # its functions are cached too
     import umap.layouts

@@ -66,7 +66,7 @@ def test_demo_writes_every_figure_and_the_report(tiny_demo, tmp_path, capsys):
         assert set(result["probe"]) >= {"codebook_histogram", "mean_quantized"}
     assert "pixels_pca" in results["untrained"]["probe"]
     assert "These are one run's numbers (seed 42)" in text
-    stages = r"data \d+ s, training \d+ s, evaluation \d+ s, figures \d+ s"
+    stages = r"data \d+ s, training \d+ s, evaluation and figures \d+ s"
     assert re.search(rf"Run took [0-9.]+ min \({stages}\)", text)
     assert str(report.resolve()) in capsys.readouterr().out
 
