@@ -14,6 +14,7 @@ sys.dont_write_bytecode = False
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 import contextlib
+import functools
 import json
 import shutil
 import subprocess
@@ -38,6 +39,8 @@ _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 # A folder of the session that every pytest-xdist worker sees (`built_once`).
 _SHARED_ENV = "DLFB_TESTS_SHARED_DIR"
 _session_cache: list[str] = []
+# The process compiling UMAP's numba code for the session (`_compile_umap`).
+_umap_compile: list[subprocess.Popen] = []
 
 
 def _xla_accepts(flags: list[str]) -> bool:
@@ -146,8 +149,69 @@ def pytest_configure(config):
         _session_cache.append(numba_cache)
         os.environ["NUMBA_CACHE_DIR"] = numba_cache
 
+    if "PYTEST_XDIST_WORKER" not in os.environ and _runs_whole_suite(config):
+        _compile_umap()
+    _wait_for_umap()
+
+
+def _umap_lock() -> Path:
+    return Path(os.environ[_SHARED_ENV]) / "umap-compile.lock"
+
+
+def _runs_whole_suite(config) -> bool:
+    """Whether the session runs the test folder, not chosen files or tests."""
+    tests = Path(__file__).parent.resolve()
+    return all(Path(arg).resolve() == tests for arg in config.args)
+
+
+def _compile_umap() -> None:
+    """Starts a process that compiles UMAP's numba code into the session's
+    cache (`tests/_compile_umap.py`, `projection.compile_umap`) while the
+    workers start and run their first tests.
+
+    Compiled cold, it costs about 45 s of a core, and every process that
+    reached its first UMAP before another had cached the code compiled it
+    again: a notebook kernel's first AlignedUMAP took 40 s, against 19 s from
+    the cache. The process holds a lock for as long as it compiles, which the
+    test processes' first UMAP waits for (`_wait_for_umap`), so the code is
+    compiled once. Only where the whole suite runs: a run of a few tests does
+    not pay for what it may not use.
+    """
+    script = Path(__file__).with_name("_compile_umap.py")
+    _umap_compile.append(
+        subprocess.Popen(
+            [sys.executable, str(script), str(_umap_lock())],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+
+
+def _wait_for_umap() -> None:
+    """Makes this process's first UMAP (`projection.umap_module`) wait while
+    `_compile_umap`'s process holds its lock; without one it goes on at once.
+    Notebook kernels are not patched: they start late in the session, when
+    the code is long cached."""
+    from dlfb_localization import projection
+
+    set_up = projection.umap_module
+
+    @functools.cache
+    def wait():
+        with FileLock(str(_umap_lock())):
+            pass
+
+    def umap_module():
+        wait()
+        return set_up()
+
+    projection.umap_module = umap_module
+
 
 def pytest_unconfigure(config):
+    for process in _umap_compile:
+        process.kill()
+        process.wait()
     for path in _session_cache:
         shutil.rmtree(path, ignore_errors=True)
         for name in (_CACHE_ENV, "NUMBA_CACHE_DIR", _SHARED_ENV):

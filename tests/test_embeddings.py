@@ -24,7 +24,7 @@ from dlfb_localization.inspect.embeddings.utils import (
     get_frame_embeddings,
 )
 from dlfb_localization.model import LocalizationModel
-from dlfb_localization.projection import umap_module
+from dlfb_localization.projection import compile_umap, project_2d, umap_module
 
 NUM_EMBEDDINGS = 16
 MODEL = LocalizationModel(**{**tiny.CHAPTER, "num_embeddings": NUM_EMBEDDINGS})
@@ -280,6 +280,32 @@ def test_real_aligned_umap_is_reproducible_and_keeps_each_sets_frames():
     kept = layouts.numba._dispatchers
     (options,) = [options for function, options in kept if function is epoch]
     assert layouts.numba.njit(epoch, **dict(options)) is kept[epoch, options]
+
+
+@pytest.mark.slow  # compiles UMAP's numba code where nothing cached it yet
+def test_compile_umap_leaves_nothing_for_later_projections_to_compile():
+    from numba.core import event
+
+    compile_umap()
+    compiled = []
+
+    class Compiled(event.Listener):
+        def on_start(self, ev):
+            compiled.append(ev.data["dispatcher"].py_func.__qualname__)
+
+        def on_end(self, ev):
+            pass
+
+    rng = np.random.default_rng(3)
+    ids = np.arange(60)
+    with event.install_listener("numba:compile", Compiled()):
+        # Other sizes and dtypes than compile_umap's: UMAP takes float32.
+        coordinates = project_2d(rng.normal(size=(60, 5)), metric="euclidean")
+        projected = calculate_projection(
+            {"a": embedding_set(ids, 0), "b": embedding_set(ids, 1)}, n_neighbors=5
+        )
+    assert coordinates.shape == (60, 2) and projected["b"].coordinates.shape == (60, 2)
+    assert compiled == []
 
 
 def test_palette_covers_exactly_the_nine_localizations():
