@@ -10,6 +10,7 @@ import pytest
 import tiny
 from conftest import encoding_indices
 
+from dlfb_localization import evaluate as evaluate_module
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.embeddings import aggregate_by_protein, protein_localization_sets
 from dlfb_localization.evaluate import (
@@ -180,11 +181,12 @@ def test_codebook_health_of_uniform_single_and_partial_use():
     assert single["used_fraction"] == 0.25 and single["max_share"] == 1.0
 
 
-def planted_split() -> Dataset:
-    """8 proteins, two localizations that differ visibly in their pixels."""
+def planted_split(swapped: bool = False) -> Dataset:
+    """8 proteins, two localizations that differ visibly in their pixels (with
+    `swapped`, the same frames, each protein annotated with the other one)."""
     rng = np.random.default_rng(0)
     proteins = np.repeat(np.arange(8), 5)
-    localizations = np.where(proteins < 4, "er", "nucleoplasm")
+    localizations = np.where((proteins < 4) != swapped, "er", "nucleoplasm")
     images = 0.1 * rng.random((len(proteins), 16, 16, 1), dtype=np.float32)
     images[proteins < 4, :8] += 1.0  # "er": bright top half
     images[proteins >= 4, 8:] += 1.0  # "nucleoplasm": bright bottom half
@@ -207,8 +209,11 @@ def evaluated(tmp_path_factory):
 def test_evaluate_is_deterministic_and_writes_the_same_json(evaluated):
     split, state, result, path = evaluated
     assert json.loads(path.read_text()) == result
+    # The pixel baseline is computed again too, not taken from the first.
+    evaluate_module._PIXEL_BASELINES.clear()
     assert evaluate(state, split, k=3, random_state=0, batch_size=16) == result
     # Another batch size only changes the order of the MSE's float sums.
+    evaluate_module._PIXEL_BASELINES.clear()
     other = evaluate(state, split, k=3, random_state=0, batch_size=7)
     assert other.pop("reconstruction_mse") == pytest.approx(
         result["reconstruction_mse"], rel=1e-6
@@ -240,6 +245,44 @@ def test_evaluate_puts_the_pixel_baseline_and_chance_beside_every_model_number(
         "frame_accuracy_ceiling": 1.0,
         "protein_accuracy_ceiling": 1.0,
     }
+
+
+def test_a_second_model_on_the_same_split_reuses_the_pixel_baseline(
+    evaluated, monkeypatch
+):
+    split, _, result, _ = evaluated
+    pcas = []
+
+    def counted_pca(*args, **kwargs):
+        pcas.append(args[0])
+        return compute_pixel_pca(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "compute_pixel_pca", counted_pca)
+    evaluate_module._PIXEL_BASELINES.clear()
+    states = [
+        MODEL.create_train_state(
+            jax.random.key(seed), split.get_dummy_input(), optax.adam(1e-3)
+        )
+        for seed in (0, 1)
+    ]
+    first, second = (
+        evaluate(s, split, k=3, random_state=0, batch_size=16) for s in states
+    )
+    assert len(pcas) == 1
+    assert first == result  # the same state as the fixture's
+    # The second model's own numbers, beside the same baseline.
+    assert second["codebook"] != first["codebook"]
+    for level in ("frame", "protein"):
+        for label_set in ("all", "nine", "single"):
+            for name in ("pixels_pca", "majority_class"):
+                scores = second["knn"][level][label_set]
+                assert scores[name] == first["knn"][level][label_set][name]
+    assert second["probe"]["pixels_pca"] == first["probe"]["pixels_pca"]
+    # Other annotations of the same frames: the baseline is scored again.
+    swapped = evaluate(states[0], planted_split(swapped=True), k=3, random_state=0)
+    assert len(pcas) == 2
+    assert swapped["labels"]["probe"]["n_positives"] == 8
+    assert swapped["knn"]["frame"]["all"]["pixels_pca"]["accuracy"] == 1.0
 
 
 def test_evaluate_probes_every_embedding_k_nn_scores_at_protein_level(evaluated):
