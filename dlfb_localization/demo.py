@@ -17,6 +17,7 @@ checkpoints instead of trained again.
 import functools
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from dlfb_localization.figures import save_figure, write_model_figures
 from dlfb_localization.files import write_json, write_text
 from dlfb_localization.locks import lock_folder
 from dlfb_localization.model.interface import ModelState
+from dlfb_localization.projection import compile_umap
 from dlfb_localization.run_record import to_json, tree_sha256
 from dlfb_localization.runs import Run, RunConfig, build_splits, create_state, train_run
 
@@ -118,6 +120,11 @@ def _run(out: Path, seed: int) -> Path:
     clock.stage(
         "training", f"training (or restoring) {len(MODELS)} models at the same time"
     )
+    # UMAP's numba code compiles while the models train, whose steps leave
+    # Python's lock free: from a cold cache it takes 45 s of a core, most of it
+    # holding that lock, and in the evaluation stage it held up both threads.
+    compiling = threading.Thread(target=compile_umap, name="compile-umap", daemon=True)
+    compiling.start()
     for name, (title, _) in MODELS.items():
         print(f"  {name}: {title}")
     runs = _train_at_once(configs, out / "runs")
@@ -168,6 +175,7 @@ def _run(out: Path, seed: int) -> Path:
     )
     results |= done["results"]
     written = done["figures"]
+    compiling.join()
 
     clock.stage("report", "writing the report")
     report = out / "report.md"
