@@ -37,7 +37,14 @@ from dlfb_localization.locks import lock_folder
 from dlfb_localization.model.interface import ModelState
 from dlfb_localization.projection import compile_umap
 from dlfb_localization.run_record import to_json, tree_sha256
-from dlfb_localization.runs import Run, RunConfig, build_splits, create_state, train_run
+from dlfb_localization.runs import (
+    METRICS_FILE,
+    Run,
+    RunConfig,
+    build_splits,
+    create_state,
+    train_run,
+)
 
 EMBEDDED_SAMPLE = SyntheticSpec(
     n_proteins=40, fovs_per_protein=4, crops_per_fov=10, n_blocks=2, seed=0
@@ -123,8 +130,13 @@ def _run(out: Path, seed: int) -> Path:
     # UMAP's numba code compiles while the models train, whose steps leave
     # Python's lock free: from a cold cache it takes 45 s of a core, most of it
     # holding that lock, and in the evaluation stage it held up both threads.
-    compiling = threading.Thread(target=compile_umap, name="compile-umap", daemon=True)
-    compiling.start()
+    # Finished models are only restored: nothing to compile beside.
+    compiling = None
+    if not all((out / "runs" / name / METRICS_FILE).is_file() for name in configs):
+        compiling = threading.Thread(
+            target=compile_umap, name="compile-umap", daemon=True
+        )
+        compiling.start()
     for name, (title, _) in MODELS.items():
         print(f"  {name}: {title}")
     runs = _train_at_once(configs, out / "runs")
@@ -175,7 +187,8 @@ def _run(out: Path, seed: int) -> Path:
     )
     results |= done["results"]
     written = done["figures"]
-    compiling.join()
+    if compiling is not None:
+        compiling.join()
 
     clock.stage("report", "writing the report")
     report = out / "report.md"
