@@ -28,10 +28,10 @@ Batch = Mapping[str, np.ndarray | jax.Array]
 # chapter's batch of 256, XLA:CPU's scratch for one pass is ~3 GiB: every step
 # page-faults it in, and the activations fall out of cache between layers.
 # Four passes of 64 with their gradients summed do the same arithmetic in
-# 2.1 GiB and run ~1.5x faster (benchmarks/bench_train_step.py). Accelerators
+# 2.2 GiB and run ~1.5x faster (benchmarks/bench_train_step.py). Accelerators
 # keep the whole batch in one pass.
 #
-# Of those 2.1 GiB, 0.6 GiB are the four passes' gradients of the head's
+# Of those 2.2 GiB, 0.6 GiB are the four passes' gradients of the head's
 # 40,000 x 1,000 kernel (160 MB each): XLA defers those products and fuses
 # all four into Adam's update. Two ways to avoid that were measured at the
 # chapter's settings, each against this code in the same sitting; both were
