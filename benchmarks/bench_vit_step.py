@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from bench_train_step import _matmul_gflops, _peak_rss_mib
 
+from dlfb_localization import train as train_module
 from dlfb_localization.model.contrastive import OBJECTIVES
 from dlfb_localization.model.vit import VIT_SIZES, ViTModel
 from dlfb_localization.run_families import vit_optimizer
@@ -74,8 +75,11 @@ def main() -> None:
     )
     weight = jnp.float32(0.0)
 
-    # One pass per step, as `train` runs a family whose samples interact.
-    compiled = train_step.lower(state, batch, rng_dropout, weight).compile()
+    # One pass per step, as `train` runs a family whose samples interact: the
+    # one program `train_step` runs then, whose cost XLA counts.
+    compiled = train_module._step_program.lower(
+        state, batch, rng_dropout, weight, microbatches=1, augment="none"
+    ).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flop_per_image = float(cost["flops"]) / args.batch_size

@@ -5,13 +5,17 @@ Run by hand (never by the tests):
     python benchmarks/profile_train_step.py  # the chapter's settings
     python benchmarks/profile_train_step.py --batch-size 32 --embedding-dim 32
 
-It compiles `train_step` at the chapter's configuration (batch 256, K=512, D=64,
+It runs `train_step` at the chapter's configuration (batch 256, K=512, D=64,
 50 classes, Adam 1e-3, the passes `train` uses; the flags and the setup are
-`bench_train_step.py`'s), runs the warm-up steps, then records `--steps` steps
-with `jax.profiler` and reads the trace: every XLA operation that ran (a
-"thunk", named after its HLO instruction) is put in one kind by what its
-compiled HLO computes, and the kinds' summed times are printed per step as
-JSON, largest first, with the step's wall time. Kinds:
+`bench_train_step.py`'s), with XLA dumping the optimized HLO of every program
+it compiles into a temporary folder, runs the warm-up steps, then records
+`--steps` steps with `jax.profiler` and reads the trace: every XLA operation
+that ran (a "thunk", named after its HLO instruction, in a program named by
+the trace) is put in one kind by what its compiled HLO computes, and the
+kinds' summed times are printed per step as JSON, largest first, with the
+step's wall time. A step's programs but the first share a name (and the
+first's instructions mostly match theirs); an instruction takes the kind it
+has in the first of them dumped. Kinds:
 
 - `conv weight grad`: a convolution whose window spans the image (the gradient
   of a small kernel: 3x3 output, 25x25 to 100x100 window);
@@ -29,15 +33,23 @@ threads at once.
 import collections
 import gzip
 import json
+import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-import jax
-from bench_train_step import build_parser, make_step_inputs
+# Before JAX starts its backend, which reads the flags once.
+_DUMP = Path(tempfile.mkdtemp(prefix="profile_train_step_hlo_"))
+os.environ["XLA_FLAGS"] = (
+    f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={_DUMP} --xla_dump_hlo_as_text"
+)
 
-from dlfb_localization.train import train_step
+import jax  # noqa: E402
+from bench_train_step import build_parser, make_step_inputs  # noqa: E402
+
+from dlfb_localization.train import train_step  # noqa: E402
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\(")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
@@ -104,16 +116,28 @@ def _instruction_kinds(hlo: str) -> dict[str, str]:
     return kinds
 
 
+def _dumped_kinds(folder: Path) -> dict[tuple[str, str], str]:
+    """`(program, instruction)` -> kind, from the optimized HLO XLA dumped."""
+    kinds: dict[tuple[str, str], str] = {}
+    for path in sorted(folder.glob("*cpu_after_optimizations.txt")):
+        hlo = path.read_text()
+        module = re.match(r"HloModule ([^,\s]+)", hlo).group(1)
+        for name, kind in _instruction_kinds(hlo).items():
+            kinds.setdefault((module, name), kind)
+    return kinds
+
+
 def _thunk_seconds(trace_dir: Path) -> collections.Counter:
-    """Summed seconds of each XLA operation in the recorded trace."""
+    """Summed seconds of each `(program, XLA operation)` in the recorded trace."""
     (path,) = trace_dir.rglob("perfetto_trace.json.gz")
     with gzip.open(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     seconds: collections.Counter = collections.Counter()
     for event in events:
-        if event.get("ph") == "X" and "dur" in event:
-            seconds[event["name"]] += event["dur"] / 1e6
+        module = event.get("args", {}).get("hlo_module")
+        if event.get("ph") == "X" and "dur" in event and module:
+            seconds[module, event["name"]] += event["dur"] / 1e6
     return seconds
 
 
@@ -123,9 +147,6 @@ def main() -> None:
     args = parser.parse_args()
     state, *step_args = make_step_inputs(args)
     passes = step_args[-1]
-    # The program's HLO names the operations in the trace. The steps run
-    # through `jit`, as `train` runs them.
-    hlo = train_step.lower(state, *step_args).compile().as_text()
     for _ in range(args.warmup_steps):
         state, metrics = train_step(state, *step_args)
         jax.block_until_ready(metrics)
@@ -137,7 +158,8 @@ def main() -> None:
                 jax.block_until_ready(metrics)
         wall = (time.perf_counter() - start) / args.steps
         seconds = _thunk_seconds(Path(folder))
-    kinds = _instruction_kinds(hlo)
+    kinds = _dumped_kinds(_DUMP)
+    shutil.rmtree(_DUMP)
     by_kind: collections.Counter = collections.Counter()
     for name, value in seconds.items():
         if name in kinds:

@@ -32,8 +32,12 @@ from dlfb_localization.orientation import AUGMENT_MODES, random_orientation
 from dlfb_localization.passes import (
     CPU_MICROBATCH,
     accumulate_passes,
+    check_passes,
+    combine_passes,
     default_microbatches,
     model_microbatches,
+    program_passes,
+    split_microbatches,
     training_rngs,
 )
 
@@ -132,9 +136,6 @@ _AUGMENT_STREAM = 1_000_003
 _EVAL_SEED = 0
 
 
-@functools.partial(
-    jax.jit, donate_argnums=0, static_argnames=("microbatches", "augment")
-)
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -154,10 +155,13 @@ def train_step(
     pass (every loss is a mean over equal-sized parts: only for a model whose
     `independent_samples` is true), in less memory. Metrics
     are those of the whole batch (code usage is counted over all passes).
-    By default (None) the step picks them as `train` does on one device
-    (`model_microbatches`), so the chapter's four-argument call
-    `train_step(state, batch, rng, weight)` takes the fast path too: 4 passes
-    of 64 for a batch of 256 on a CPU, one pass on GPU and TPU.
+    The passes run two to a compiled program (`passes.program_passes`), each
+    program adding its gradients into the previous one's buffer, then one
+    program applies the update. By default (None) the step picks the passes as
+    `train` does on one device (`model_microbatches`), so the chapter's
+    four-argument call `train_step(state, batch, rng, weight)` takes the fast
+    path too: 16 passes of 16 for a batch of 256 on a CPU, one pass on GPU and
+    TPU.
 
     With `augment="d4"` or `"rotate"` every image of the batch is first given
     its own random orientation (`invariance.random_orientation`), on the
@@ -185,28 +189,111 @@ def train_step(
     """
     if microbatches is None:
         microbatches = model_microbatches(state, batch["images"].shape[0])
+    check_passes(batch, microbatches)
+    per_program = program_passes(microbatches)
+    if per_program == microbatches:
+        return _step_program(
+            state,
+            batch,
+            rng_dropout,
+            classification_weight,
+            microbatches=microbatches,
+            augment=augment,
+        )
     rng = jax.random.fold_in(rng_dropout, state.step)
-    if augment != "none":
-        images = random_orientation(
-            jax.random.fold_in(rng, _AUGMENT_STREAM), batch["images"], augment
+    parts = _split_program(
+        rng, batch["images"], batch["labels"], passes=microbatches, augment=augment
+    )
+    grads, metrics, codes = None, [], []
+    for first in range(0, microbatches, per_program):
+        grads, part_metrics, part_codes = _passes_program(
+            state,
+            parts[first : first + per_program],
+            classification_weight,
+            rng,
+            grads,
+            jnp.int32(first),
         )
-        batch = {**batch, "images": images}
-    grad_fn = jax.value_and_grad(_compute_objective, has_aux=True)
-    if microbatches == 1:
-        (_, (metrics, codes)), grads = grad_fn(
-            state.params, state, batch, classification_weight, True, training_rngs(rng)
-        )
-    else:
-        grads, metrics, codes = accumulate_passes(
-            grad_fn, state, batch, classification_weight, rng, microbatches
-        )
+        metrics += part_metrics
+        codes += part_codes
+    return _update_program(state, grads, metrics, codes, rng, passes=microbatches)
+
+
+def _orient(rng, images, augment):
+    """The images, each given its random orientation unless `augment` is
+    "none"."""
+    if augment == "none":
+        return images
+    return random_orientation(jax.random.fold_in(rng, _AUGMENT_STREAM), images, augment)
+
+
+@functools.partial(jax.jit, static_argnames=("passes", "augment"))
+def _split_program(rng, images, labels, passes, augment):
+    """The batch's `passes` parts (`split_microbatches`), after the images'
+    random orientation."""
+    batch = {"images": _orient(rng, images, augment), "labels": labels}
+    return split_microbatches(batch, passes)
+
+
+def _grad_fn():
+    return jax.value_and_grad(_compute_objective, has_aux=True)
+
+
+def _update(state, grads, codes, rng):
+    """The optimizer's update, then the model's non-gradient state (e.g. EMA
+    codebooks) from the step's codes."""
     state = state.apply_gradients(grads=grads)
     if getattr(state, "collections", None) is not None:
         params, collections = model_of(state).update_collections(
             state.params, state.collections, codes, rng
         )
         state = state.replace(params=params, collections=collections)
-    return state, metrics
+    return state
+
+
+@functools.partial(
+    jax.jit, donate_argnums=0, static_argnames=("microbatches", "augment")
+)
+def _step_program(
+    state, batch, rng_dropout, classification_weight, microbatches, augment
+):
+    """`train_step` as one program: its passes (all of them), then the update."""
+    rng = jax.random.fold_in(rng_dropout, state.step)
+    batch = {**batch, "images": _orient(rng, batch["images"], augment)}
+    if microbatches == 1:
+        (_, (metrics, codes)), grads = _grad_fn()(
+            state.params, state, batch, classification_weight, True, training_rngs(rng)
+        )
+    else:
+        parts = split_microbatches(batch, microbatches)
+        grads, metrics, codes = combine_passes(
+            state,
+            *accumulate_passes(_grad_fn(), state, parts, classification_weight, rng),
+            microbatches,
+        )
+    return _update(state, grads, codes, rng), metrics
+
+
+@functools.partial(jax.jit, donate_argnums=4)
+def _passes_program(state, parts, classification_weight, rng, grads, first):
+    """The step's passes `parts`, from pass `first` on (traced, so that every
+    program of a step but the first, which has no `grads` yet, is one
+    compiled program), their gradients added to `grads` (the previous
+    program's, donated). Without non-gradient state to update, only the codes'
+    indices leave the program (the code-use metrics count them)."""
+    grads, metrics, codes = accumulate_passes(
+        _grad_fn(), state, parts, classification_weight, rng, first, grads
+    )
+    if getattr(state, "collections", None) is None:
+        codes = [{name: (pair[0],) for name, pair in part.items()} for part in codes]
+    return grads, metrics, codes
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="passes")
+def _update_program(state, grads, metrics, codes, rng, passes):
+    """The update from the summed gradients of all `passes` programs."""
+    grads, metrics, codes = combine_passes(state, grads, metrics, codes, passes)
+    return _update(state, grads, codes, rng), metrics
 
 
 @jax.jit

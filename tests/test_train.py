@@ -42,7 +42,7 @@ def test_thirty_steps_on_one_batch_halve_the_loss_with_one_trace(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "compute_losses", counting_compute_losses)
-    train_step.clear_cache()
+    train_module._step_program.clear_cache()
     state, batch, rng = make_state(), make_batch(), jax.random.key(0)
 
     losses = []
@@ -122,27 +122,75 @@ def test_microbatched_step_is_the_full_batch_step():
     assert float(parts["perplexity"]) > float(one_pass["perplexity"])
 
 
+def test_passes_in_programs_of_two_step_like_all_passes_in_one_program():
+    """`train_step` runs 4 passes as two programs of two, each adding its
+    gradients to the last one's, then an update program. One program of all
+    four does the same arithmetic in the same order: the same step up to
+    XLA's fusion choices, which may round differently. The model has an EMA
+    codebook, whose update reads every pass's codes (the plain model's
+    programs are compared with one pass of the whole batch in
+    `test_microbatched_step_is_the_full_batch_step`)."""
+    from dlfb_localization.model.codebook import CodebookOptions
+
+    ema = LocalizationModel(**tiny.CHAPTER, codebook=CodebookOptions(ema_decay=0.9))
+    dummy_input = np.zeros((1, 16, 16, 1), dtype=np.float32)
+    batch, rng = make_batch(n=8, seed=5), jax.random.key(1)
+    states = [ema.create_train_state(jax.random.key(0), dummy_input, TX) for _ in "ab"]
+    programs, programs_metrics = train_step(states[0], batch, rng, WEIGHT, 4)
+    one, one_metrics = train_module._step_program(
+        states[1], batch, rng, WEIGHT, microbatches=4, augment="none"
+    )
+    assert int(programs.step) == int(one.step) == 1
+    for part in ("params", "opt_state", "collections"):
+        a, b = getattr(programs, part), getattr(one, part)
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7, err_msg=part)
+    # The EMA averages moved.
+    fresh = ema.create_train_state(jax.random.key(0), dummy_input, TX).collections
+    pairs = zip(
+        jax.tree.leaves(fresh), jax.tree.leaves(programs.collections), strict=True
+    )
+    assert any(not np.array_equal(x, y) for x, y in pairs)
+    assert set(programs_metrics) == set(one_metrics)
+    for name in one_metrics:
+        np.testing.assert_allclose(
+            programs_metrics[name], one_metrics[name], rtol=1e-6, err_msg=name
+        )
+
+
 def test_microbatches_must_divide_the_batch():
     with pytest.raises(ValueError, match="does not divide"):
         train_step(make_state(), make_batch(n=6), jax.random.key(0), WEIGHT, 4)
 
 
 def test_default_microbatches_split_only_cpu_batches_of_whole_passes():
-    assert train_module.default_microbatches(256) == 4
-    assert train_module.default_microbatches(256, n_devices=2) == 2
+    assert train_module.default_microbatches(256) == 16
+    assert train_module.default_microbatches(256, n_devices=2) == 8
+    assert train_module.default_microbatches(128) == 8
     assert train_module.default_microbatches(100) == 1
+    # Up to 64 frames a device (the demo's 32): one pass.
+    assert train_module.default_microbatches(64) == 1
     assert train_module.default_microbatches(32) == 1
+    assert train_module.default_microbatches(128, n_devices=2) == 1
+
+
+def test_passes_run_two_to_a_program_when_two_divide_them():
+    from dlfb_localization.passes import program_passes
+
+    assert [program_passes(m) for m in (1, 2, 3, 4, 16)] == [1, 2, 3, 2, 2]
 
 
 def test_a_step_takes_the_passes_its_model_allows_by_default():
     """`train_step`'s default (the chapter's four-argument call): a VQ-VAE's
-    batch of 256 in 4 passes on a CPU, a contrastive model's in one."""
+    batch of 256 in 16 passes on a CPU, a contrastive model's in one."""
     from types import SimpleNamespace
 
     from dlfb_localization.model.vit import ViTModel
 
     chapter = SimpleNamespace(model=MODEL)
-    assert train_module.model_microbatches(chapter, 256) == 4
+    assert train_module.model_microbatches(chapter, 256) == 16
+    assert train_module.model_microbatches(chapter, 256, n_devices=2) == 8
     assert train_module.model_microbatches(chapter, 256, n_devices=4) == 1
     assert train_module.model_microbatches(SimpleNamespace(model=ViTModel()), 256) == 1
 
@@ -287,5 +335,5 @@ def test_runs_with_the_same_settings_share_their_compiled_steps(module_tiny_rele
     compiled = []
     for state in (first, second):
         train_step(state, batch, jax.random.key(1), WEIGHT, 1)
-        compiled.append(train_step._cache_size())
+        compiled.append(train_module._step_program._cache_size())
     assert compiled[1] == compiled[0]
