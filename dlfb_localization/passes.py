@@ -38,8 +38,8 @@ Batch = Mapping[str, np.ndarray | jax.Array]
 # gradients into the last one's donated buffer, then an update program.
 # `benchmarks/bench_train_step.py`, three interleaved runs on 2 cores, against
 # the four passes of 64 in one program used before:
-# - 16 passes, two to a program: 39.0-42.4 images/s, peak RSS 2.36 GiB;
-# - 4 passes in one program: 41.7-43.2 images/s, peak RSS 3.9 GiB.
+# - 16 passes, two to a program: 34.5-38.6 images/s, peak RSS 2.1 GiB;
+# - 4 passes in one program: 35.5-37.9 images/s, peak RSS 3.9 GiB.
 # In one program XLA defers every pass's gradient of the head's 40,000 x 1,000
 # kernel (160 MB each) to Adam's update, so more passes there cost memory
 # (2.2 GiB of scratch for 4 passes, 2.7 GiB for 8); neither an
