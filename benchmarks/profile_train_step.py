@@ -30,6 +30,7 @@ Summed thunk time exceeds the wall time when XLA runs operations on several
 threads at once.
 """
 
+import atexit
 import collections
 import gzip
 import json
@@ -42,6 +43,7 @@ from pathlib import Path
 
 # Before JAX starts its backend, which reads the flags once.
 _DUMP = Path(tempfile.mkdtemp(prefix="profile_train_step_hlo_"))
+atexit.register(shutil.rmtree, _DUMP, ignore_errors=True)
 os.environ["XLA_FLAGS"] = (
     f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={_DUMP} --xla_dump_hlo_as_text"
 )
@@ -159,7 +161,6 @@ def main() -> None:
         wall = (time.perf_counter() - start) / args.steps
         seconds = _thunk_seconds(Path(folder))
     kinds = _dumped_kinds(_DUMP)
-    shutil.rmtree(_DUMP)
     by_kind: collections.Counter = collections.Counter()
     for name, value in seconds.items():
         if name in kinds:
