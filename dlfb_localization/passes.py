@@ -152,10 +152,12 @@ def accumulate_passes(
     return grads, metrics, codes
 
 
-def combine_passes(state, grads, metrics, codes, passes):
+def combine_passes(state, grads, metrics, codes):
     """`train_step`'s gradients, metrics and codes from `accumulate_passes`'
-    sums and lists over all `passes`: the mean gradient, the mean metrics, and
-    code use counted over the whole batch, not the mean of the passes' values."""
+    sum and lists over all of the step's passes (one entry of `metrics` per
+    pass): the mean gradient, the mean metrics, and code use counted over the
+    whole batch, not the mean of the passes' values."""
+    passes = len(metrics)
     grads = jax.tree.map(lambda g: g / passes, grads)
     metrics = jax.tree.map(lambda *values: jnp.mean(jnp.stack(values)), *metrics)
     codes = jax.tree.map(lambda *parts: jnp.concatenate(parts), *codes)

@@ -216,7 +216,7 @@ def train_step(
         )
         metrics += part_metrics
         codes += part_codes
-    return _update_program(state, grads, metrics, codes, rng, passes=microbatches)
+    return _update_program(state, grads, metrics, codes, rng)
 
 
 def _orient(rng, images, augment):
@@ -235,8 +235,7 @@ def _split_program(rng, images, labels, passes, augment):
     return split_microbatches(batch, passes)
 
 
-def _grad_fn():
-    return jax.value_and_grad(_compute_objective, has_aux=True)
+_value_and_grad = jax.value_and_grad(_compute_objective, has_aux=True)
 
 
 def _update(state, grads, codes, rng):
@@ -261,16 +260,15 @@ def _step_program(
     rng = jax.random.fold_in(rng_dropout, state.step)
     batch = {**batch, "images": _orient(rng, batch["images"], augment)}
     if microbatches == 1:
-        (_, (metrics, codes)), grads = _grad_fn()(
+        (_, (metrics, codes)), grads = _value_and_grad(
             state.params, state, batch, classification_weight, True, training_rngs(rng)
         )
     else:
         parts = split_microbatches(batch, microbatches)
-        grads, metrics, codes = combine_passes(
-            state,
-            *accumulate_passes(_grad_fn(), state, parts, classification_weight, rng),
-            microbatches,
+        summed = accumulate_passes(
+            _value_and_grad, state, parts, classification_weight, rng
         )
+        grads, metrics, codes = combine_passes(state, *summed)
     return _update(state, grads, codes, rng), metrics
 
 
@@ -282,17 +280,18 @@ def _passes_program(state, parts, classification_weight, rng, grads, first):
     program's, donated). Without non-gradient state to update, only the codes'
     indices leave the program (the code-use metrics count them)."""
     grads, metrics, codes = accumulate_passes(
-        _grad_fn(), state, parts, classification_weight, rng, first, grads
+        _value_and_grad, state, parts, classification_weight, rng, first, grads
     )
     if getattr(state, "collections", None) is None:
         codes = [{name: (pair[0],) for name, pair in part.items()} for part in codes]
     return grads, metrics, codes
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames="passes")
-def _update_program(state, grads, metrics, codes, rng, passes):
-    """The update from the summed gradients of all `passes` programs."""
-    grads, metrics, codes = combine_passes(state, grads, metrics, codes, passes)
+@functools.partial(jax.jit, donate_argnums=0)
+def _update_program(state, grads, metrics, codes, rng):
+    """The update from the gradients summed over all of the step's passes, and
+    their metrics and codes (one entry per pass)."""
+    grads, metrics, codes = combine_passes(state, grads, metrics, codes)
     return _update(state, grads, codes, rng), metrics
 
 
