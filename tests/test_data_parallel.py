@@ -1,6 +1,7 @@
 """Data parallelism: two (forced host) devices train like one, and two JAX
 processes of one device each train like one process with two devices."""
 
+import contextlib
 import json
 import os
 import socket
@@ -110,32 +111,40 @@ def test_two_processes_train_exactly_like_one_process_with_two_devices(
     bit.)"""
     coordinator = f"localhost:{_free_port()}"
     store = tmp_path / "run"
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                str(store),
-                "--report",
-                *("--process", str(i), "--processes", "2"),
-                *("--coordinator", coordinator),
-            ],
-            env=_worker_env(1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    reports = []
-    try:
-        for i, process in enumerate(processes):
-            out, err = process.communicate(timeout=300)
-            assert process.returncode == 0, err[-3000:]
-            reports.append(_read_report(out, store / f"process_{i}"))
-    finally:
-        for process in processes:
-            process.kill()
+    # Each process writes into files, not pipes: with pipes, read one process
+    # after the other, the second blocks once it has written a pipe's buffer
+    # (64 KiB, e.g. of JAX's compile log), and the first waits for it in a
+    # collective until the timeout.
+    logs = [(tmp_path / f"out_{i}.txt", tmp_path / f"err_{i}.txt") for i in range(2)]
+    processes = []
+    with contextlib.ExitStack() as files:
+        for i, (out, err) in enumerate(logs):
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(WORKER),
+                        str(store),
+                        "--report",
+                        *("--process", str(i), "--processes", "2"),
+                        *("--coordinator", coordinator),
+                    ],
+                    env=_worker_env(1),
+                    stdout=files.enter_context(out.open("w")),
+                    stderr=files.enter_context(err.open("w")),
+                )
+            )
+        reports = []
+        try:
+            for i, (process, (out, err)) in enumerate(
+                zip(processes, logs, strict=True)
+            ):
+                process.wait(timeout=300)
+                assert process.returncode == 0, err.read_text()[-3000:]
+                reports.append(_read_report(out.read_text(), store / f"process_{i}"))
+        finally:
+            for process in processes:
+                process.kill()
     two = two_device_report
     for report in reports:
         assert (report["processes"], report["devices"]) == (2, 2)
