@@ -207,22 +207,26 @@ def _race(
     code = _RACER.format(imports=imports, call=call)
     signals = tmp_path / "signals"
     signals.mkdir()
-    racers = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, str(signals), str(i), str(ROUNDS), *a],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i, a in enumerate(args)
-    ]
+    # Each racer's stderr goes to a file: a pipe read only at the end would
+    # block a racer that wrote more than its buffer (64 KiB) and hang the race.
+    errors = [tmp_path / f"racer-{i}.err" for i in range(len(args))]
+    racers = []
+    for i, a in enumerate(args):
+        with errors[i].open("w") as stderr:
+            racers.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code, str(signals), str(i), str(ROUNDS), *a],
+                    stderr=stderr,
+                )
+            )
     deadline = time.monotonic() + TIMEOUT_S
 
     def wait_for(prefix: str) -> list[Path]:
         paths = [signals / f"{prefix}-{i}" for i in range(len(racers))]
         while not all(p.exists() for p in paths):
-            for path, racer in zip(paths, racers, strict=True):
+            for path, racer, error in zip(paths, racers, errors, strict=True):
                 if racer.poll() is not None and not path.exists():
-                    pytest.fail(f"a racer failed: {racer.stderr.read()}")
+                    pytest.fail(f"a racer failed: {error.read_text()}")
             assert time.monotonic() < deadline, "the racers hang"
             time.sleep(0.01)
         return paths
@@ -234,8 +238,8 @@ def _race(
             (signals / f"go-{round_}").touch()
             outcomes = [p.read_text() for p in wait_for(f"outcome-{round_}")]
             rounds.append([(r.pid, o) for r, o in zip(racers, outcomes, strict=True)])
-        for racer in racers:
-            assert racer.wait(timeout=TIMEOUT_S) == 0, racer.stderr.read()
+        for racer, error in zip(racers, errors, strict=True):
+            assert racer.wait(timeout=TIMEOUT_S) == 0, error.read_text()
         return rounds
     finally:
         for racer in racers:
