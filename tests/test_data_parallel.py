@@ -1,7 +1,6 @@
 """Data parallelism: two (forced host) devices train like one, and two JAX
 processes of one device each train like one process with two devices."""
 
-import contextlib
 import json
 import os
 import socket
@@ -117,8 +116,8 @@ def test_two_processes_train_exactly_like_one_process_with_two_devices(
     # collective until the timeout.
     logs = [(tmp_path / f"out_{i}.txt", tmp_path / f"err_{i}.txt") for i in range(2)]
     processes = []
-    with contextlib.ExitStack() as files:
-        for i, (out, err) in enumerate(logs):
+    for i, (out, err) in enumerate(logs):
+        with out.open("w") as stdout, err.open("w") as stderr:
             processes.append(
                 subprocess.Popen(
                     [
@@ -130,21 +129,19 @@ def test_two_processes_train_exactly_like_one_process_with_two_devices(
                         *("--coordinator", coordinator),
                     ],
                     env=_worker_env(1),
-                    stdout=files.enter_context(out.open("w")),
-                    stderr=files.enter_context(err.open("w")),
+                    stdout=stdout,
+                    stderr=stderr,
                 )
             )
-        reports = []
-        try:
-            for i, (process, (out, err)) in enumerate(
-                zip(processes, logs, strict=True)
-            ):
-                process.wait(timeout=300)
-                assert process.returncode == 0, err.read_text()[-3000:]
-                reports.append(_read_report(out.read_text(), store / f"process_{i}"))
-        finally:
-            for process in processes:
-                process.kill()
+    reports = []
+    try:
+        for i, (process, (out, err)) in enumerate(zip(processes, logs, strict=True)):
+            process.wait(timeout=300)
+            assert process.returncode == 0, err.read_text()[-3000:]
+            reports.append(_read_report(out.read_text(), store / f"process_{i}"))
+    finally:
+        for process in processes:
+            process.kill()
     two = two_device_report
     for report in reports:
         assert (report["processes"], report["devices"]) == (2, 2)
