@@ -155,8 +155,9 @@ def pytest_configure(config):
 
 
 # Modules holding the suite's longest single tests (20-30 s each on 2 cores,
-# `pytest --durations=15`), those without UMAP first, as UMAP's code is still
-# being compiled at the start (`_compile_umap`).
+# `pytest --durations=15`). `test_data_parallel.py` draws no UMAP, so it leads
+# while UMAP's code is still being compiled (`_compile_umap`); `test_vit_run.py`
+# draws its UMAP only after its training.
 _LONGEST_FIRST = (
     "test_data_parallel.py",
     "test_vit_run.py",
