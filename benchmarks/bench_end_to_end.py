@@ -25,6 +25,7 @@ nothing), and the median ratio.
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import numpy as np
 
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.synthetic import SyntheticSpec, write_release
+from dlfb_localization.hugepages import restart_with_huge_pages
 from dlfb_localization.runs import RunConfig, build_splits, create_state
 from dlfb_localization.train import (
     DataParallel,
@@ -105,6 +107,8 @@ def main() -> None:
     print(
         json.dumps(
             {
+                # e.g. glibc.malloc.hugetlb=1 (`dlfb_localization.hugepages`)
+                "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
                 "train_frames": len(train_split),
                 "steps": steps,
                 "batch_size": args.batch_size,
@@ -123,4 +127,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Measures what the command line runs: malloc with huge pages, unless
+    # GLIBC_TUNABLES says otherwise (`dlfb_localization.hugepages`).
+    restart_with_huge_pages()
     main()

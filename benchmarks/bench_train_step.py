@@ -20,6 +20,7 @@ datasheet peak for the dtype) it also prints the step's share of that peak.
 
 import argparse
 import json
+import os
 import platform
 import resource
 import time
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dlfb_localization.hugepages import restart_with_huge_pages
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.train import default_microbatches, train_step
 
@@ -149,6 +151,8 @@ def main() -> None:
     print(
         json.dumps(
             {
+                # e.g. glibc.malloc.hugetlb=1 (`dlfb_localization.hugepages`)
+                "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
                 "images_per_s": images_per_s,
                 "step_gflops": images_per_s * FLOP_PER_IMAGE / 1e9,
                 "matmul_gflops": matmul_gflops,
@@ -184,4 +188,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Measures what the command line runs: malloc with huge pages, unless
+    # GLIBC_TUNABLES says otherwise (`dlfb_localization.hugepages`).
+    restart_with_huge_pages()
     main()

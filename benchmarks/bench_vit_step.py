@@ -17,6 +17,7 @@ with `--peak-tflops`, of that peak.
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -25,6 +26,7 @@ import numpy as np
 from bench_train_step import _matmul_gflops, _peak_rss_mib
 
 from dlfb_localization import train as train_module
+from dlfb_localization.hugepages import restart_with_huge_pages
 from dlfb_localization.model.contrastive import OBJECTIVES
 from dlfb_localization.model.vit import VIT_SIZES, ViTModel
 from dlfb_localization.run_families import vit_optimizer
@@ -100,6 +102,8 @@ def main() -> None:
     print(
         json.dumps(
             {
+                # e.g. glibc.malloc.hugetlb=1 (`dlfb_localization.hugepages`)
+                "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
                 "images_per_s": images_per_s,
                 "flop_per_image": flop_per_image,
                 "step_gflops": step_gflops,
@@ -129,4 +133,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Measures what the command line runs: malloc with huge pages, unless
+    # GLIBC_TUNABLES says otherwise (`dlfb_localization.hugepages`).
+    restart_with_huge_pages()
     main()

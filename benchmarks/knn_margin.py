@@ -33,6 +33,7 @@ from dlfb_localization import demo
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.synthetic import SECOND_STYLE, write_release
 from dlfb_localization.evaluate import evaluate
+from dlfb_localization.hugepages import restart_with_huge_pages
 from dlfb_localization.runs import RunConfig, create_state, train_run
 
 LEVEL = "protein"
@@ -174,4 +175,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Measures what the command line runs: malloc with huge pages, unless
+    # GLIBC_TUNABLES says otherwise (`dlfb_localization.hugepages`).
+    restart_with_huge_pages()
     main()

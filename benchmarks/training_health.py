@@ -31,6 +31,7 @@ from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.synthetic import SECOND_STYLE, write_release
 from dlfb_localization.dataset.utils import count_unique_proteins
 from dlfb_localization.health import TrainingHealthWarning
+from dlfb_localization.hugepages import restart_with_huge_pages
 from dlfb_localization.model import LocalizationModel
 from dlfb_localization.model.codebook import LOOKUPS, CodebookOptions
 from dlfb_localization.train import train
@@ -100,4 +101,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Measures what the command line runs: malloc with huge pages, unless
+    # GLIBC_TUNABLES says otherwise (`dlfb_localization.hugepages`).
+    restart_with_huge_pages()
     main()

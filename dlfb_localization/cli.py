@@ -21,6 +21,7 @@ import traceback
 from pathlib import Path
 
 from dlfb_localization import commands
+from dlfb_localization.hugepages import restart_with_huge_pages
 from dlfb_localization.locks import FolderLockedError
 from dlfb_localization.settings import add_flags, parse_channels
 
@@ -337,8 +338,8 @@ def _add_crop(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script: runs a command and returns its exit
-    code, with errors reported in one line (see the module docstring)."""
+    """Runs a command and returns its exit code, with errors reported in one
+    line (see the module docstring); `run` is the console script."""
     from dlfb_localization.console import console
 
     args = build_parser().parse_args(argv)
@@ -413,5 +414,13 @@ def _describe(error: Exception, debug: bool) -> str:
     return f"unexpected {type(error).__name__}: {lines[0]}{hint}"
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `dlfb-localization` script and `python -m dlfb_localization`: `main`
+    in a process whose malloc takes huge pages (`hugepages`), with its exit
+    code."""
+    restart_with_huge_pages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

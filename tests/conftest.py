@@ -30,6 +30,7 @@ import pytest
 from filelock import FileLock
 
 from dlfb_localization.dataset.sources import LABEL_COLUMNS
+from dlfb_localization.hugepages import huge_pages_environment
 
 matplotlib.use("Agg")
 # One device and no preallocation keep tests fast and isolated on a 2-core CPU.
@@ -92,6 +93,11 @@ def pytest_configure(config):
     first compilation (collection compiles), and it starts empty, so a run
     never depends on an earlier one. A cache directory already set in the
     environment is used as it is.
+
+    glibc's malloc takes transparent huge pages in every process but this
+    one (`dlfb_localization.hugepages`): fewer page faults in the steps and
+    compilations, and the suite about 8% faster (interleaved on 2 cores: 315
+    and 332 s against 341 and 356 s).
     """
     flags = os.environ.get("XLA_FLAGS", "").split()
     if not any("xla_backend_optimization_level" in flag for flag in flags):
@@ -109,6 +115,13 @@ def pytest_configure(config):
     else:
         flags.extend(flag for flag in optional if _xla_accepts([*flags, flag]))
     os.environ["XLA_FLAGS"] = " ".join(flags)
+
+    # Huge pages for malloc, as the command line takes them
+    # (`dlfb_localization.hugepages`): inherited by the workers, the
+    # processes they start and the notebook kernels.
+    huge_pages = huge_pages_environment(os.environ)
+    if huge_pages is not None:
+        os.environ["GLIBC_TUNABLES"] = huge_pages["GLIBC_TUNABLES"]
 
     path = os.environ.get(_CACHE_ENV)
     if not path:
