@@ -216,8 +216,12 @@ def test_stacked_histograms_one_row_per_localization_codes_in_tree_order():
     labels = {ax.get_ylabel(): ax for ax in fig.axes}
     assert set(labels) == set(names)
     order = leaves_list(tree)
-    heights = [patch.get_height() for patch in labels["golgi"].patches]
-    np.testing.assert_allclose(heights, rows[1, order])
+    # One filled step outline per row: bar i spans [i, i + 1].
+    (steps,) = labels["golgi"].patches
+    values, edges, baseline = steps.get_data()
+    np.testing.assert_allclose(values, rows[1, order])
+    np.testing.assert_array_equal(edges, np.arange(rows.shape[1] + 1))
+    assert baseline == 0 and steps.get_fill()
     group_names = {t.get_text() for t in fig.axes[0].texts}
     assert group_names == {"I", "II", "III", "–"}
     assert plot_stacked_histrograms is plot_stacked_histograms

@@ -227,7 +227,11 @@ def plot_stacked_histograms(
     for ax, row in zip(axes[:, 0], rows, strict=True):
         name = localizations[row]
         color = LOCALIZATION_COLORS.get(name, OTHER_COLOR)
-        ax.bar(np.arange(n_codes) + 0.5, histograms[row, order], width=1.0, color=color)
+        # One filled outline of the K bars, not K rectangles (4 s less to draw
+        # for 9 localizations of 512 codes; bars of width 1 look the same).
+        ax.stairs(
+            histograms[row, order], np.arange(n_codes + 1), fill=True, color=color
+        )
         for _, start, _ in runs[1:]:
             ax.axvline(start, color="0.4", lw=0.6, ls="--")
         ax.set_xlim(0, n_codes)
