@@ -17,6 +17,8 @@ checkpoints instead of trained again.
 import functools
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -127,19 +129,20 @@ def _run(out: Path, seed: int) -> Path:
     clock.stage(
         "training", f"training (or restoring) {len(MODELS)} models at the same time"
     )
-    # UMAP's numba code compiles while the models train, whose steps leave
-    # Python's lock free: from a cold cache it takes 45 s of a core, most of it
-    # holding that lock, and in the evaluation stage it held up both threads.
-    # Finished models are only restored: nothing to compile beside.
+    # UMAP's numba code compiles while the models train: from a cold cache it
+    # takes 45-55 s of a core, and in the evaluation stage it held up both
+    # threads. Finished models are only restored: nothing to compile beside.
     compiling = None
     if not all((out / "runs" / name / METRICS_FILE).is_file() for name in configs):
         compiling = threading.Thread(
-            target=compile_umap, name="compile-umap", daemon=True
+            target=_compile_umap_beside, name="compile-umap", daemon=True
         )
         compiling.start()
     for name, (title, _) in MODELS.items():
         print(f"  {name}: {title}")
     runs = _train_at_once(configs, out / "runs")
+    if compiling is not None:
+        compiling.join()
 
     clock.stage(
         "evaluation and figures",
@@ -170,25 +173,30 @@ def _run(out: Path, seed: int) -> Path:
         if results[name] is None
     }
     drawn = {name: inputs[name] for name in runs}
-    done = _at_once(
-        {
-            "results": functools.partial(
-                _evaluate_models,
+    # The figures first, beside the first evaluation (the longest: it also
+    # scores the raw pixels); a thread that is done takes the next
+    # evaluation. With one thread for the three evaluations and one for the
+    # figures, the figures were done 30 s into the stage's 83 s.
+    tasks = {
+        "figures": functools.partial(
+            _figures, out, runs, evaluation_split, embeddings, drawn
+        ),
+        **{
+            name: functools.partial(
+                _evaluate_model,
                 out,
-                {name: states[name] for name in embeddings},
+                name,
+                states[name],
                 evaluation_split,
-                embeddings,
-                inputs,
-            ),
-            "figures": functools.partial(
-                _figures, out, runs, evaluation_split, embeddings, drawn
-            ),
-        }
-    )
-    results |= done["results"]
-    written = done["figures"]
-    if compiling is not None:
-        compiling.join()
+                embeddings[name],
+                inputs[name],
+            )
+            for name in embeddings
+        },
+    }
+    done = _at_once(tasks, workers=min(len(tasks), max(2, os.cpu_count() or 2)))
+    written = done.pop("figures")
+    results |= done
 
     clock.stage("report", "writing the report")
     report = out / "report.md"
@@ -231,15 +239,39 @@ def _train_at_once(configs: dict[str, RunConfig], folder: Path) -> dict[str, Run
     )
 
 
-def _at_once(tasks: dict[str, Callable[[], Any]]) -> dict[str, Any]:
-    """`{name: task()}`, each task in its own thread, all at the same time.
+def _compile_umap_beside() -> None:
+    """`projection.compile_umap` in a process of its own, then in this one.
+
+    The child compiles into numba's cache on disk (`projection.umap_module`)
+    and this process then loads what it cached (about 5 s). Compiling holds
+    Python's lock most of the time, and in a thread of this process it held up
+    the training threads, which need the lock between steps: from a cold
+    cache, the demo's training took 248 s beside it and 217 s beside the
+    child. Where the child fails, this process compiles the code itself.
+    """
+    code = "from dlfb_localization.projection import compile_umap; compile_umap()"
+    subprocess.run(
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+    compile_umap()
+
+
+def _at_once(
+    tasks: dict[str, Callable[[], Any]], workers: int | None = None
+) -> dict[str, Any]:
+    """`{name: task()}`, each task in a thread: `workers` at a time (default:
+    all at once), started in the order given.
 
     A thread cannot be interrupted, so Ctrl-C ends the process at once, as a
     kill would: every finished epoch is checkpointed (an unfinished save is
     never taken for one), every file is written through a temporary name, and
     running the demo again resumes.
     """
-    with ThreadPoolExecutor(len(tasks), thread_name_prefix="demo") as pool:
+    with ThreadPoolExecutor(workers or len(tasks), thread_name_prefix="demo") as pool:
         futures = {name: pool.submit(task) for name, task in tasks.items()}
         try:
             return {name: future.result() for name, future in futures.items()}
@@ -252,28 +284,27 @@ def _evaluation_path(out: Path, name: str) -> Path:
     return out / "evaluation" / f"{name}.json"
 
 
-def _evaluate_models(
+def _evaluate_model(
     out: Path,
-    states: dict[str, ModelState],
+    name: str,
+    state: ModelState,
     evaluation_split: Dataset,
-    embeddings: dict[str, dict],
-    inputs: dict[str, dict],
-) -> dict[str, dict]:
-    """`evaluate` of each state, written to `out/evaluation/<name>.json` with
+    embeddings: dict,
+    inputs: dict,
+) -> dict:
+    """`evaluate` of `state`, written to `out/evaluation/<name>.json` with
     what it was computed from beside it (`<name>.json.inputs.json`)."""
-    results = {}
-    for name, state in states.items():
-        print(f"  evaluating {name}")
-        path = _evaluation_path(out, name)
-        results[name] = evaluate(
-            state,
-            evaluation_split,
-            out_path=path,
-            progress=True,
-            frame_embeddings=embeddings[name],
-        )
-        write_json(inputs[name], _inputs_path(path))
-    return results
+    print(f"  evaluating {name}")
+    path = _evaluation_path(out, name)
+    result = evaluate(
+        state,
+        evaluation_split,
+        out_path=path,
+        progress=True,
+        frame_embeddings=embeddings,
+    )
+    write_json(inputs, _inputs_path(path))
+    return result
 
 
 def _figures(

@@ -29,6 +29,7 @@ import functools
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -336,6 +337,9 @@ def evaluate(
 # same for every model evaluated on a split (the demo evaluates three), so
 # they are computed once per process. The newest few are kept.
 _PIXEL_BASELINES: dict[tuple, dict] = {}
+# Evaluations in threads at the same time (the demo's) compute it once: the
+# others wait for it.
+_BASELINES_LOCK = threading.Lock()
 _KEPT_BASELINES = 4
 
 
@@ -360,28 +364,33 @@ def _pixel_baseline(
     `probe` and `cluster_score`, and `pca_components`: a copy of the ones
     computed before under `key` (`_baseline_key`), else computed (the PCA,
     k-NN and probe, and a UMAP: `bar` advances by three)."""
-    if key not in _PIXEL_BASELINES:
-        bar.set_postfix_str("pixel PCA")
-        pca = compute_pixel_pca(dataset_split, random_state=random_state)
-        assert np.array_equal(pca["frame_ids"], dataset_split.labels.frame_ids)
-        bar.update()
-        features = {"pixels_pca": pca["features"]}
-        bar.set_postfix_str("pixels: k-NN and probe")
-        scores = score_localization(
-            dataset_split, features, k=k, random_state=random_state
-        )
-        bar.update()
-        _PIXEL_BASELINES[key] = {
-            "knn": scores["knn"],
-            "probe": scores["probe"],
-            "cluster_score": _score_clusters(
-                dataset_split, features, random_state, bar
-            ),
-            "pca_components": int(pca["features"].shape[1]),
-        }
+    with _BASELINES_LOCK:
+        if key not in _PIXEL_BASELINES:
+            _PIXEL_BASELINES[key] = _compute_pixel_baseline(
+                dataset_split, k, random_state, bar
+            )
         while len(_PIXEL_BASELINES) > _KEPT_BASELINES:
             del _PIXEL_BASELINES[next(iter(_PIXEL_BASELINES))]
-    return copy.deepcopy(_PIXEL_BASELINES[key])
+        return copy.deepcopy(_PIXEL_BASELINES[key])
+
+
+def _compute_pixel_baseline(
+    dataset_split: Dataset, k: int, random_state: int, bar: tqdm
+) -> dict:
+    bar.set_postfix_str("pixel PCA")
+    pca = compute_pixel_pca(dataset_split, random_state=random_state)
+    assert np.array_equal(pca["frame_ids"], dataset_split.labels.frame_ids)
+    bar.update()
+    features = {"pixels_pca": pca["features"]}
+    bar.set_postfix_str("pixels: k-NN and probe")
+    scores = score_localization(dataset_split, features, k=k, random_state=random_state)
+    bar.update()
+    return {
+        "knn": scores["knn"],
+        "probe": scores["probe"],
+        "cluster_score": _score_clusters(dataset_split, features, random_state, bar),
+        "pca_components": int(pca["features"].shape[1]),
+    }
 
 
 def _score_clusters(
