@@ -109,6 +109,12 @@ def run(out_dir: str | Path, seed: int = 42) -> Path:
 
 
 def _run(out: Path, seed: int) -> Path:
+    # UMAP's numba code compiles while the samples are written (on one core)
+    # and the models train (`_compile_umap`). Finished models are only
+    # restored: nothing to compile beside.
+    compiling = None
+    if not all((out / "runs" / name / METRICS_FILE).is_file() for name in MODELS):
+        compiling = _compile_umap()
     clock = _Clock(total=4)
     clock.stage(
         "data",
@@ -129,26 +135,20 @@ def _run(out: Path, seed: int) -> Path:
     clock.stage(
         "training", f"training (or restoring) {len(MODELS)} models at the same time"
     )
-    # UMAP's numba code compiles while the models train: from a cold cache it
-    # takes 45-55 s of a core, and in the evaluation stage it held up both
-    # threads. Finished models are only restored: nothing to compile beside.
-    compiling = None
-    if not all((out / "runs" / name / METRICS_FILE).is_file() for name in configs):
-        compiling = threading.Thread(
-            target=_compile_umap_beside, name="compile-umap", daemon=True
-        )
-        compiling.start()
     for name, (title, _) in MODELS.items():
         print(f"  {name}: {title}")
     runs = _train_at_once(configs, out / "runs")
-    if compiling is not None:
-        compiling.join()
 
     clock.stage(
         "evaluation and figures",
         "evaluating on unseen proteins (k-NN, probe, cluster scores) and, at the "
         "same time, drawing the figures",
     )
+    if compiling is not None:
+        # Long done, as a rule; this process loads the compiled code while
+        # the embeddings below are computed.
+        compiling.wait()
+        threading.Thread(target=compile_umap, name="load-umap", daemon=True).start()
     evaluation_split = DatasetBuilder(out / "evaluation_data").build(
         rng=seed, splits={"evaluation": 1.0}
     )["evaluation"]
@@ -239,25 +239,29 @@ def _train_at_once(configs: dict[str, RunConfig], folder: Path) -> dict[str, Run
     )
 
 
-def _compile_umap_beside() -> None:
-    """`projection.compile_umap` in a process of its own, then in this one.
+def _compile_umap() -> subprocess.Popen:
+    """Starts `projection.compile_umap` in a process of its own and returns it.
 
-    The child compiles into numba's cache on disk (`projection.umap_module`)
-    and this process then loads what it cached (about 5 s). Compiling holds
-    Python's lock most of the time, and in a thread of this process it held up
-    the training threads, which need the lock between steps: from a cold
-    cache, the demo's training took 248 s beside it and 217 s beside the
-    child. Where the child fails, this process compiles the code itself.
+    From a cold cache it takes 45-55 s of a core. The child compiles into
+    numba's cache on disk (`projection.umap_module`), from which this process
+    then loads the code in about 5 s. In a thread of this process, compiling
+    held Python's lock most of the time, which the training threads need
+    between steps: from a cold cache the demo's training took 248 s beside
+    it, 217 s beside the child. (At the lowest priority the child got almost
+    no time until the training ended, and the evaluation stage waited for
+    it: 215 s of training, but 103 s of evaluation instead of 68 s.) Where it
+    fails, this process compiles the code itself when it first needs it.
     """
-    code = "from dlfb_localization.projection import compile_umap; compile_umap()"
-    subprocess.run(
-        [sys.executable, "-c", code],
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from dlfb_localization.projection import compile_umap; compile_umap()",
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        check=False,
     )
-    compile_umap()
 
 
 def _at_once(
