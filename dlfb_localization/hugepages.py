@@ -69,7 +69,7 @@ def huge_pages_environment(
 
 
 def restart_with_huge_pages() -> None:
-    """Starts this program again with `huge_pages_environment` (`os.execv`:
+    """Starts this program again with `huge_pages_environment` (`os.execve`:
     the same process id, interpreter options, arguments and open files), or
     returns where that would change nothing. Call it first in a program's
     entry point: what the process did before is done again."""
