@@ -12,6 +12,7 @@ from dlfb_localization.model.quantizer import (
     compute_commitment_loss,
     compute_distances,
     find_nearest_codes,
+    first_argmin,
     lookup_codes,
     quantize,
 )
@@ -45,6 +46,24 @@ def test_nearest_codes_match_brute_force(inputs_and_codebook):
     )
     # The data must make the test discriminating: many different codes chosen.
     assert len(np.unique(indices)) > NUM_EMBEDDINGS // 2
+
+
+@pytest.mark.parametrize("k", [512, 96, 48, 32])
+def test_blockwise_argmin_is_argmin_with_ties_nan_and_infinities(k):
+    # Small integers make many equal minima, within a block and across blocks.
+    distances = np.random.default_rng(k).integers(0, 4, (300, k)).astype(np.float32)
+    distances[0, [k - 1, 3]] = np.nan  # the first NaN wins, wherever the minimum
+    distances[1] = np.nan
+    distances[2] = np.inf
+    distances[3, k // 2] = -np.inf
+    distances[4] = 7.0  # all equal: the first index
+    distances[5, [k - 1, k - 2]] = -1.0  # the minimum in the last block
+
+    indices = jax.jit(first_argmin)(jnp.asarray(distances))
+
+    expected = np.argmin(distances, axis=1)  # NumPy: the first NaN, else first min
+    np.testing.assert_array_equal(np.asarray(indices), expected)
+    assert list(expected[:6]) == [3, 0, 0, k // 2, 0, k - 2]
 
 
 def test_quantized_equals_chosen_codebook_columns(inputs_and_codebook):

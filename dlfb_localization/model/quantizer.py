@@ -99,8 +99,39 @@ def find_nearest_codes(inputs: jax.Array, codebook: jax.Array) -> jax.Array:
       `[...]` int32 indices into the codebook's columns.
     """
     flat_inputs = inputs.reshape(-1, codebook.shape[0])
-    indices = jnp.argmin(compute_distances(flat_inputs, codebook), axis=1)
+    indices = first_argmin(compute_distances(flat_inputs, codebook))
     return indices.astype(jnp.int32).reshape(inputs.shape[:-1])
+
+
+def first_argmin(distances: jax.Array, block: int = 32) -> jax.Array:
+    """`jnp.argmin(distances, axis=1)`, found block by block: the same indices
+    (the first of equal minima; the first NaN where a row has one).
+
+    XLA's CPU backend computes an argmin as a reduction over (value, index)
+    pairs, one element at a time: at the demo's configuration (20,000 vectors,
+    512 codes) 51 ms of a 510 ms train step on one core. Here only a row's
+    minimum over each block of `block` codes is found that way; the plain
+    minima are vectorized, and the pair reduction runs over the block minima,
+    then within the one block that holds the row's minimum. The step on one
+    core went from a median of 62 to 69 images/s (`taskset -c 0 python
+    benchmarks/bench_train_step.py --batch-size 32 --embedding-dim 32
+    --num-classes 40 --steps 60`, five runs each, interleaved).
+
+    Args:
+      distances: `[n, k]`.
+      block: codes per block; a plain argmin unless it divides `k` into
+        several blocks.
+
+    Returns:
+      `[n]` indices into the last axis.
+    """
+    n, k = distances.shape
+    if k % block or k == block:
+        return jnp.argmin(distances, axis=1)
+    blocks = distances.reshape(n, k // block, block)
+    first = jnp.argmin(jnp.min(blocks, axis=2), axis=1)
+    chosen = jnp.take_along_axis(blocks, first[:, None, None], axis=1)[:, 0]
+    return first * block + jnp.argmin(chosen, axis=1)
 
 
 def lookup_codes(indices: jax.Array, codebook: jax.Array) -> jax.Array:
