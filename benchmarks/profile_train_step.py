@@ -53,7 +53,7 @@ from bench_train_step import build_parser, make_step_inputs  # noqa: E402
 
 from dlfb_localization.train import train_step  # noqa: E402
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\(")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) ([\w\-]+)\(")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
 _WINDOW = re.compile(r"window=\{size=(\d+)x(\d+)")
