@@ -120,7 +120,9 @@ def _compute_objective(
         rngs=rngs,
         method="compute_outputs",
     )
-    losses = compute_losses(outputs, batch, classification_weight)
+    # None: an ablated head's weight, the number 0 (`_static_weight`).
+    weight = 0.0 if classification_weight is None else classification_weight
+    losses = compute_losses(outputs, batch, weight)
     metrics = {**losses, **compute_metrics(outputs, batch)}
     codes = {
         name: (vq.indices, vq.latents) for name, vq in outputs.quantizers().items()
@@ -177,6 +179,9 @@ def train_step(
       rng_dropout: JAX key for dropout.
       classification_weight: scalar weight of the classification loss (traced,
         so sweeping it does not recompile; keep its type fixed, e.g. float32).
+        The number 0 (an int or float, as the chapter's ablation passes it)
+        leaves the head's term out of the gradient: the same objective and
+        update, without the head's backward pass (its loss is still reported).
       microbatches: passes per step (static); must divide the batch size.
         None: `model_microbatches(state, batch size)`.
       augment: "none", "d4" (one of the 8 rotations by multiples of 90 degrees
@@ -190,6 +195,7 @@ def train_step(
     if microbatches is None:
         microbatches = model_microbatches(state, batch["images"].shape[0])
     check_passes(batch, microbatches)
+    classification_weight = _static_weight(classification_weight)
     per_program = program_passes(microbatches)
     if per_program == microbatches:
         return _step_program(
@@ -217,6 +223,17 @@ def train_step(
         metrics += part_metrics
         codes += part_codes
     return _update_program(state, grads, metrics, codes, rng)
+
+
+def _static_weight(classification_weight):
+    """None for the number 0 (a Python int or float, not an array), else the
+    weight as given. None crosses `jit` as a constant where a number would be
+    traced, so the steps' programs for a weight of 0 leave the head's term out
+    of the objective (`model.interface.weighted_term`): its backward pass is
+    not computed. `train` passes 0 so for `classification_weight=0`."""
+    if isinstance(classification_weight, int | float) and classification_weight == 0:
+        return None
+    return classification_weight
 
 
 def _orient(rng, images, augment):
@@ -442,7 +459,9 @@ def train(
     parallel = DataParallel()
     state = parallel.place_state(state)
     rng_data, rng_dropout = jax.random.split(rng)
-    weight = jnp.float32(classification_weight)
+    # The number 0 selects the steps without the head's backward pass
+    # (`_static_weight`); another weight is traced, so a sweep compiles once.
+    weight = 0 if classification_weight == 0 else jnp.float32(classification_weight)
     microbatches = model_microbatches(state, batch_size, parallel.n_devices)
     config = None
     if store_path is not None:

@@ -82,6 +82,37 @@ def test_zero_classification_weight_leaves_the_head_untouched():
     )
 
 
+def test_the_number_zero_skips_the_heads_backward_pass_with_the_same_result():
+    batch, rng = make_batch(), jax.random.key(0)
+    traced, static = make_state(), make_state()
+    for _ in range(2):
+        traced, traced_metrics = train_step(traced, batch, rng, NO_WEIGHT)
+        static, static_metrics = train_step(static, batch, rng, 0)
+
+    # Bit-equal: the head's term only ever added zeros to the gradient.
+    for ours, theirs in zip(
+        jax.tree.leaves(jax.device_get(static.params)),
+        jax.tree.leaves(jax.device_get(traced.params)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(ours, theirs)
+    assert static_metrics.keys() == traced_metrics.keys()
+    for name, value in traced_metrics.items():
+        np.testing.assert_array_equal(static_metrics[name], value, err_msg=name)
+
+    # The work left out: the head's backward products (two per Dense layer).
+    def dots(weight):
+        def gradient(params):
+            return train_module._value_and_grad(
+                params, static, batch, weight, True, {"dropout": rng}
+            )
+
+        jaxpr = jax.make_jaxpr(gradient)(static.params)
+        return str(jaxpr).count("dot_general")
+
+    assert dots(None) <= dots(NO_WEIGHT) - 4
+
+
 def test_microbatched_step_is_the_full_batch_step():
     # Plain SGD, so the update is the gradient itself (Adam's first step turns
     # the rounding noise of near-zero gradients into full-size steps). One

@@ -35,7 +35,11 @@ from dlfb_localization.model.codebook import CodebookOptions
 from dlfb_localization.model.decoder import Decoder
 from dlfb_localization.model.encoder import Encoder, ResnetBlock
 from dlfb_localization.model.head import ClassificationHead
-from dlfb_localization.model.interface import cross_entropy, vq_metrics
+from dlfb_localization.model.interface import (
+    cross_entropy,
+    vq_metrics,
+    weighted_term,
+)
 from dlfb_localization.model.quantizer import VectorQuantizer, VQOutput
 from dlfb_localization.model.vq_family import (
     VQFamily,
@@ -120,7 +124,7 @@ class CytoselfOutputs(NamedTuple):
             + losses["global_recon_loss"]
             + losses["codebook_loss"]
             + losses["commitment_loss"]
-            + classification_weight * losses["classification_loss"]
+            + weighted_term(classification_weight, losses["classification_loss"])
         )
         return losses
 

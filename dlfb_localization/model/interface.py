@@ -57,6 +57,7 @@ __all__ = [
     "model_of",
     "new_train_state",
     "usage_metrics",
+    "weighted_term",
 ]
 
 
@@ -118,6 +119,18 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(
         logits=logits, labels=labels
     ).mean()
+
+
+def weighted_term(weight: float | jax.Array, loss: jax.Array) -> jax.Array | float:
+    """`weight * loss`, a term of an objective; 0.0 where `weight` is the
+    number 0 rather than an array (`train_step` passes an ablated head's
+    weight so). The term is then not in the objective at all, so no gradient
+    is computed for it: without this, the head's backward pass (at the demo's
+    sizes a tenth of a one-core step) ran only to be multiplied by zero. The
+    loss itself is still reported, and the objective's value is the same."""
+    if isinstance(weight, int | float) and weight == 0:
+        return 0.0
+    return weight * loss
 
 
 def _usage(usage: CodeUsage | VQOutput, suffix: str) -> dict[str, jax.Array]:

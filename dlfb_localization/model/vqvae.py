@@ -14,6 +14,7 @@ from dlfb_localization.model.head import ClassificationHead
 from dlfb_localization.model.interface import (
     cross_entropy,
     vq_metrics,
+    weighted_term,
 )
 from dlfb_localization.model.quantizer import VectorQuantizer, VQOutput
 from dlfb_localization.model.vq_family import (
@@ -62,7 +63,7 @@ class ModelOutputs(NamedTuple):
             recon_loss
             + self.vq.codebook_loss
             + self.vq.commitment_loss
-            + classification_weight * classification_loss
+            + weighted_term(classification_weight, classification_loss)
         )
         return {
             "total_loss": total_loss,
