@@ -64,6 +64,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--microbatches", type=int, default=None, help="default: what train uses"
     )
+    parser.add_argument(
+        "--classification-weight",
+        type=float,
+        default=1.0,
+        help="0 is passed as the number, as train passes the chapter's ablation "
+        "(the head's backward pass is skipped)",
+    )
     return parser
 
 
@@ -125,7 +132,8 @@ def make_step_inputs(args: argparse.Namespace) -> tuple:
     state = model.create_train_state(
         rng_init, np.zeros((1, *shape[1:]), np.float32), optax.adam(args.learning_rate)
     )
-    weight = jnp.float32(1.0)
+    weight = args.classification_weight
+    weight = 0 if weight == 0 else jnp.float32(weight)  # as `train` passes it
     microbatches = args.microbatches or default_microbatches(args.batch_size)
     return state, batch, rng_dropout, weight, microbatches
 
@@ -172,6 +180,7 @@ def main() -> None:
                 "steps": args.steps,
                 "warmup_steps": args.warmup_steps,
                 "batch_size": args.batch_size,
+                "classification_weight": args.classification_weight,
                 "input_shape": list(batch["images"].shape[1:]),
                 "embedding_dim": args.embedding_dim,
                 "num_embeddings": args.num_embeddings,
