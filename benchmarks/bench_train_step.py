@@ -132,10 +132,8 @@ def make_step_inputs(args: argparse.Namespace) -> tuple:
     state = model.create_train_state(
         rng_init, np.zeros((1, *shape[1:]), np.float32), optax.adam(args.learning_rate)
     )
-    weight = args.classification_weight
-    weight = 0 if weight == 0 else jnp.float32(weight)  # as `train` passes it
     microbatches = args.microbatches or default_microbatches(args.batch_size)
-    return state, batch, rng_dropout, weight, microbatches
+    return state, batch, rng_dropout, args.classification_weight, microbatches
 
 
 def main() -> None:

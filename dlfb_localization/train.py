@@ -120,8 +120,8 @@ def _compute_objective(
         rngs=rngs,
         method="compute_outputs",
     )
-    # None: an ablated head's weight, the number 0 (`_static_weight`).
-    weight = 0.0 if classification_weight is None else classification_weight
+    # None: an ablated head's weight, the number 0 (`_weight_argument`).
+    weight = 0 if classification_weight is None else classification_weight
     losses = compute_losses(outputs, batch, weight)
     metrics = {**losses, **compute_metrics(outputs, batch)}
     codes = {
@@ -177,11 +177,11 @@ def train_step(
       batch: `{"images": [b, h, w, c] float32, "labels": [b] int32}`; other keys
         are ignored.
       rng_dropout: JAX key for dropout.
-      classification_weight: scalar weight of the classification loss (traced,
-        so sweeping it does not recompile; keep its type fixed, e.g. float32).
-        The number 0 (an int or float, as the chapter's ablation passes it)
-        leaves the head's term out of the gradient: the same objective and
-        update, without the head's backward pass (its loss is still reported).
+      classification_weight: scalar weight of the classification loss, a
+        Python number or a float32 array (traced, so sweeping it does not
+        recompile). The number 0 (as the chapter's ablation passes it) leaves
+        the head's term out of the gradient: the same objective and update,
+        without the head's backward pass (its loss is still reported).
       microbatches: passes per step (static); must divide the batch size.
         None: `model_microbatches(state, batch size)`.
       augment: "none", "d4" (one of the 8 rotations by multiples of 90 degrees
@@ -195,7 +195,7 @@ def train_step(
     if microbatches is None:
         microbatches = model_microbatches(state, batch["images"].shape[0])
     check_passes(batch, microbatches)
-    classification_weight = _static_weight(classification_weight)
+    classification_weight = _weight_argument(classification_weight)
     per_program = program_passes(microbatches)
     if per_program == microbatches:
         return _step_program(
@@ -225,14 +225,19 @@ def train_step(
     return _update_program(state, grads, metrics, codes, rng)
 
 
-def _static_weight(classification_weight):
-    """None for the number 0 (a Python int or float, not an array), else the
-    weight as given. None crosses `jit` as a constant where a number would be
-    traced, so the steps' programs for a weight of 0 leave the head's term out
-    of the objective (`model.interface.weighted_term`): its backward pass is
-    not computed. `train` passes 0 so for `classification_weight=0`."""
-    if isinstance(classification_weight, int | float) and classification_weight == 0:
-        return None
+def _weight_argument(classification_weight):
+    """The weight as the compiled programs take it. The number 0 (a Python
+    int or float, not an array) becomes None, which crosses `jit` as a
+    constant where a number would be traced, so the programs for a weight of
+    0 leave the head's term out of the objective
+    (`model.interface.weighted_term`): its backward pass is not computed.
+    Another Python number becomes a float32 scalar, so that 1 and 1.0 share
+    one program and a sweep of weights compiles once; an array is passed as
+    it is."""
+    if isinstance(classification_weight, int | float):
+        if classification_weight == 0:
+            return None
+        return np.float32(classification_weight)
     return classification_weight
 
 
@@ -312,7 +317,6 @@ def _update_program(state, grads, metrics, codes, rng):
     return _update(state, grads, codes, rng), metrics
 
 
-@jax.jit
 def eval_step(
     state: TrainState, batch: Batch, classification_weight: float | jax.Array
 ) -> dict[str, jax.Array]:
@@ -328,6 +332,11 @@ def eval_step(
     Returns:
       The scalars of `compute_losses` and `compute_metrics`.
     """
+    return _eval_program(state, batch, _weight_argument(classification_weight))
+
+
+@jax.jit
+def _eval_program(state, batch, classification_weight):
     rngs = {AUGMENT_STREAM: jax.random.PRNGKey(_EVAL_SEED)}
     _, (metrics, _) = _compute_objective(
         state.params, state, batch, classification_weight, False, rngs
@@ -459,9 +468,6 @@ def train(
     parallel = DataParallel()
     state = parallel.place_state(state)
     rng_data, rng_dropout = jax.random.split(rng)
-    # The number 0 selects the steps without the head's backward pass
-    # (`_static_weight`); another weight is traced, so a sweep compiles once.
-    weight = 0 if classification_weight == 0 else jnp.float32(classification_weight)
     microbatches = model_microbatches(state, batch_size, parallel.n_devices)
     config = None
     if store_path is not None:
@@ -479,10 +485,12 @@ def train(
 
     # The steps with this run's arguments (looked up per call: tests replace them).
     def step(state: TrainState, batch: Batch):
-        return train_step(state, batch, rng_dropout, weight, microbatches, augment)
+        return train_step(
+            state, batch, rng_dropout, classification_weight, microbatches, augment
+        )
 
     def evaluate(state: TrainState, batch: Batch):
-        return eval_step(state, batch, weight)
+        return eval_step(state, batch, classification_weight)
 
     return fit(
         state,

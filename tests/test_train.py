@@ -46,8 +46,10 @@ def test_thirty_steps_on_one_batch_halve_the_loss_with_one_trace(monkeypatch):
     state, batch, rng = make_state(), make_batch(), jax.random.key(0)
 
     losses = []
-    for _ in range(30):
-        state, metrics = train_step(state, batch, rng, WEIGHT)
+    # A weight given as a Python int, a float or a float32 is one program.
+    weights = (WEIGHT, 1, 1.0, np.float32(1.0))
+    for step in range(30):
+        state, metrics = train_step(state, batch, rng, weights[step % len(weights)])
         losses.append(float(metrics["total_loss"]))
 
     assert len(traces) == 1
