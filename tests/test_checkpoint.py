@@ -114,7 +114,7 @@ def test_checkpoint_restores_into_a_differently_seeded_state(reference):
 def test_run_resumes_after_a_kill_and_ends_identical(reference, tmp_path, caplog):
     store_path = tmp_path / "killed"
     env = {
-        **os.environ,  # with the session's compilation cache (conftest.py)
+        **os.environ,  # with the session's XLA flags and caches (conftest.py)
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "JAX_PLATFORMS": "cpu",
     }

@@ -1,8 +1,8 @@
 """The tests' tiny model of each family, defined once.
 
 Every test that needs "a small chapter model" builds it from these settings,
-so the session compiles each model's programs once (the persistent cache in
-conftest.py is keyed by the program) and a change of size is made in one place.
+so that tests sharing a process (and an optimizer object) share its compiled
+programs, and a change of size is made in one place.
 Tests that need another value override one field: `{**CHAPTER, "dropout_rate":
 0.1}`. Importable from worker subprocesses (no pytest here).
 """
