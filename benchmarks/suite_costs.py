@@ -20,6 +20,7 @@ the test that waits for them.
 import collections
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -89,15 +90,16 @@ def pytest_terminal_summary(terminalreporter, config):
         path.stem: json.loads(path.read_text())
         for path in sorted(Path(os.environ[_FOLDER_ENV]).glob("*.json"))
     }
+    shutil.rmtree(os.environ[_FOLDER_ENV], ignore_errors=True)
     write = terminalreporter.write_line
     totals = collections.Counter()
-    tests = collections.Counter()
-    per_test: dict[str, collections.Counter] = {}
+    per_test: dict[str, collections.Counter] = collections.defaultdict(
+        collections.Counter
+    )
     for costs in workers.values():
         for test, values in costs.items():
             totals.update(values)
-            per_test.setdefault(test, collections.Counter()).update(values)
-            tests[test] += values.get("wall_s", 0.0)
+            per_test[test].update(values)
     write("")
     write(f"JAX costs over the session ({wall:.0f} s of wall time):")
     for name in (*_EVENTS, *_COUNTED.values()):
@@ -110,10 +112,10 @@ def pytest_terminal_summary(terminalreporter, config):
         )
     )
     write(f"{'wall':>7s} {'trace':>6s} {'lower':>6s} {'compile':>7s} {'n':>4s}  test")
-    for test, seconds in tests.most_common(25):
-        c = per_test[test]
+    costliest = sorted(per_test.items(), key=lambda item: -item[1]["wall_s"])
+    for test, c in costliest[:25]:
         write(
-            f"{seconds:7.1f} {c['trace_s']:6.1f} {c['lower_s']:6.1f} "
+            f"{c['wall_s']:7.1f} {c['trace_s']:6.1f} {c['lower_s']:6.1f} "
             f"{c['compile_s']:7.1f} {int(c['compiles']):4d}  {test}"
         )
     target = os.environ.get("SUITE_COSTS_JSON")
