@@ -12,7 +12,11 @@ from flax.training.train_state import TrainState
 
 from dlfb_localization.evaluate import reconstruct
 from dlfb_localization.model import LocalizationModel
-from dlfb_localization.model.decoder import resize_then_conv, upsample2_conv3x3
+from dlfb_localization.model.decoder import (
+    _upsample2_weights,
+    resize_then_conv,
+    upsample2_conv3x3,
+)
 from dlfb_localization.model.quantizer import lookup_codes
 from dlfb_localization.train import compute_losses
 
@@ -104,6 +108,15 @@ def test_upsampling_from_the_small_image_is_resize_then_conv(shape):
         strict=True,
     ):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_the_border_strips_weights_are_the_bilinear_resize_weights(n):
+    # Resizing the identity along its last axis gives the weight each input
+    # pixel has in each output pixel: the values `upsample2_conv3x3`'s border
+    # strips hold as constants. Exact: they are 0.25, 0.75 and 1.
+    resized = jax.image.resize(np.eye(n, dtype=np.float32), (n, 2 * n), "bilinear")
+    np.testing.assert_array_equal(_upsample2_weights(n), resized)
 
 
 def test_one_head_layer_is_a_single_dense():
