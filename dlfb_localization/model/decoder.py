@@ -117,7 +117,8 @@ def upsample2_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     # The first two and last two rows (columns) of the upsampled image, from
     # the input's first two and last two; each convolved with the zero row
     # (column) beyond the image that the chapter's 'same' padding adds.
-    first, last = _upsample2_weights(2)[:, :2], _upsample2_weights(2)[:, 2:]
+    edges = _upsample2_weights(2)
+    first, last = edges[:, :2], edges[:, 2:]
     across_w, across_h = _upsample2_weights(width), _upsample2_weights(height)
     same = (1, 1)
     top = _conv(_upsampled_strip(x[:, :2], first, across_w), kernel, ((1, 0), same))
