@@ -97,12 +97,16 @@ def _worker() -> str:
 
 
 def pytest_sessionfinish(session):
-    # The process's CPU outside tests too (start-up, collection).
+    # The process's CPU outside tests too (start-up, collection), kept apart
+    # from the per-test costs, which the first process sums.
     own, children = _cpu_seconds()
-    _costs[_OUTSIDE]["process_cpu_s"] = own
-    _costs[_OUTSIDE]["process_child_cpu_s"] = children
+    record = {
+        "tests": {k: dict(v) for k, v in _costs.items()},
+        "cpu_s": own,
+        "child_cpu_s": children,
+    }
     path = Path(os.environ[_FOLDER_ENV]) / f"{_worker()}.json"
-    path.write_text(json.dumps({k: dict(v) for k, v in _costs.items()}))
+    path.write_text(json.dumps(record))
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -119,8 +123,8 @@ def pytest_terminal_summary(terminalreporter, config):
     per_test: dict[str, collections.Counter] = collections.defaultdict(
         collections.Counter
     )
-    for costs in workers.values():
-        for test, values in costs.items():
+    for record in workers.values():
+        for test, values in record["tests"].items():
             totals.update(values)
             per_test[test].update(values)
     write("")
@@ -129,12 +133,11 @@ def pytest_terminal_summary(terminalreporter, config):
         write(f"  {name:14s} {totals[name]:9.1f}")
     write("Per process: busy in tests, CPU of its own and of its reaped children")
     write("(the first process's children are the workers, and their children):")
-    for worker, costs in workers.items():
-        busy = sum(c.get("wall_s", 0.0) for c in costs.values())
-        process = costs.get(_OUTSIDE, {})
+    for worker, record in workers.items():
+        busy = sum(c.get("wall_s", 0.0) for c in record["tests"].values())
         write(
-            f"  {worker}: busy {busy:.0f} s, CPU {process.get('process_cpu_s', 0):.0f}"
-            f" s + {process.get('process_child_cpu_s', 0):.0f} s"
+            f"  {worker}: busy {busy:.0f} s, CPU {record['cpu_s']:.0f} s"
+            f" + {record['child_cpu_s']:.0f} s"
         )
     write("The costliest tests by CPU time (own process + children, in seconds):")
     write(
