@@ -15,7 +15,10 @@ object: images per second, seconds per step, compile time, the process's peak
 resident memory and, on CPU, the step's share of this machine's float32 matmul
 rate measured in the same process (a 2048^3 `jnp.dot`, best of 5 rounds),
 counting `FLOP_PER_IMAGE` for a train step. With `--peak-tflops` (e.g. a GPU's
-datasheet peak for the dtype) it also prints the step's share of that peak.
+datasheet peak for the dtype) it also prints the step's share of that peak. Per
+timed step it prints the CPU seconds spent in user code and in the kernel, and
+the minor page faults (on Linux, the kernel's part is mostly zeroing the memory
+that each step's fresh buffers fault in).
 """
 
 import argparse
@@ -107,6 +110,17 @@ def _matmul_gflops(n: int = 2048, rounds: int = 5, repeats: int = 5) -> float:
     return best
 
 
+def _usage_per_step(before, after, args: argparse.Namespace) -> dict[str, float]:
+    """CPU seconds (all threads) in user code and in the kernel, and minor page
+    faults, per timed step. The kernel's share is mostly zeroing the pages a
+    step's fresh buffers fault in (`dlfb_localization.hugepages`)."""
+    return {
+        "cpu_user_s_per_step": (after.ru_utime - before.ru_utime) / args.steps,
+        "cpu_kernel_s_per_step": (after.ru_stime - before.ru_stime) / args.steps,
+        "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / args.steps,
+    }
+
+
 def make_step_inputs(args: argparse.Namespace) -> tuple:
     """`(state, batch, rng_dropout, weight, microbatches)`: the chapter's model
     and Adam at the flags' sizes, one seeded random batch, and the passes
@@ -146,11 +160,13 @@ def main() -> None:
     jax.block_until_ready(metrics)
     warmup_s = time.perf_counter() - start
 
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     for _ in range(args.steps):
         state, metrics = train_step(state, batch, rng_dropout, weight, microbatches)
     jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - start
+    per_step = _usage_per_step(usage, resource.getrusage(resource.RUSAGE_SELF), args)
     images_per_s = args.steps * args.batch_size / elapsed
     matmul_gflops = _matmul_gflops()
 
@@ -173,6 +189,7 @@ def main() -> None:
                 "microbatches": microbatches,
                 "dtype": args.dtype,
                 "s_per_step": elapsed / args.steps,
+                **per_step,
                 "warmup_s_incl_compile": warmup_s,
                 "peak_rss_mib": _peak_rss_mib(),
                 "steps": args.steps,
