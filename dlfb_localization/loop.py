@@ -289,12 +289,23 @@ def fit(
                     epoch_batches = batches(rng_epoch)
                 # Reads and host-to-device copies overlap with the running step.
                 sharding = parallel.batch_sharding(batch_size)
-                taken = 0
+                taken, previous = 0, None
                 for batch in prefetch_to_device(epoch_batches, device=sharding):
                     state, metrics = step(state, _model_inputs(batch))
                     history.log_step("train", metrics, weight=len(batch["labels"]))
-                    bar.update()
+                    # The bar counts finished steps, one behind the dispatch:
+                    # steps run asynchronously, and counted as dispatched the
+                    # bar crossed an epoch in seconds, then stood at
+                    # "validating" while the epoch computed. One step stays
+                    # queued, so the device never waits for Python.
+                    if previous is not None:
+                        jax.block_until_ready(previous)
+                        bar.update()
+                    previous = metrics
                     taken += 1
+                if previous is not None:
+                    jax.block_until_ready(previous)
+                    bar.update()
                 if taken != steps_per_epoch:  # a P x K draw gave another count
                     bar.total += taken - steps_per_epoch
                     bar.refresh()
