@@ -31,6 +31,9 @@ __all__ = [
 
 UMAP_NEIGHBORS = 15
 UMAP_MIN_DIST = 0.1
+# UMAP computes every pairwise distance of a set smaller than this; a larger
+# one's neighbours it searches for approximately (pynndescent).
+_UMAP_ALL_PAIRS_BELOW = 4096
 
 
 def umap_module():
@@ -160,7 +163,7 @@ def project_2d(
       `[n, 2]` coordinates, as UMAP returns them.
     """
     umap = umap_module()
-
+    (data,), metric = _umap_inputs([np.asarray(features)], metric)
     reducer = umap.UMAP(
         n_components=2,
         n_neighbors=max(2, min(n_neighbors, len(features) - 1)),
@@ -169,7 +172,40 @@ def project_2d(
         random_state=random_state,
         n_jobs=1,
     )
-    return reducer.fit_transform(features)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="using precomputed metric")
+        return reducer.fit_transform(data)
+
+
+def _umap_inputs(sets: list[np.ndarray], metric: str) -> tuple[list[np.ndarray], str]:
+    """`(inputs, metric)` to give UMAP (or AlignedUMAP) for the point sets
+    `sets` under `metric`: where UMAP would compare all pairs of every set,
+    the distances it would compute, as "precomputed"; else `(sets, metric)`.
+
+    For such a set UMAP calls scikit-learn's `pairwise_distances` with its
+    numba metric, which scikit-learn then calls once per pair from Python: 3.9 s
+    for the demo's 1,174 frames, holding Python's lock (the demo's
+    evaluations and figures ran eleven of them). umap's own
+    `distances.pairwise_special_metric` loops over the pairs in numba with the
+    same metric function (0.1 s); in float32, as scikit-learn returns them,
+    its distances are the same to the bit, and UMAP's graph and layout from them
+    are the same (`tests/test_embeddings.py`).
+    """
+    umap = umap_module()
+    if (
+        max(len(points) for points in sets) >= _UMAP_ALL_PAIRS_BELOW
+        or metric not in umap.distances.named_distances
+    ):
+        return sets, metric
+    # UMAP takes points as float32, and scikit-learn returns their distances
+    # in float32.
+    inputs = [
+        umap.distances.pairwise_special_metric(
+            np.asarray(points, dtype=np.float32), metric=metric
+        ).astype(np.float32)
+        for points in sets
+    ]
+    return inputs, "precomputed"
 
 
 class Projection(NamedTuple):
@@ -283,7 +319,9 @@ def calculate_projection(
                 "to align them by; embed the same split with both models"
             )
     umap = umap_module()
-
+    data, metric = _umap_inputs(
+        [np.asarray(s[feature], dtype=np.float32) for s in sets], metric
+    )
     smallest = min(len(s["frame_ids"]) for s in sets)
     reducer = umap.AlignedUMAP(
         n_components=2,
@@ -299,10 +337,8 @@ def calculate_projection(
         # Two of its functions cannot be cached (`umap_module`); they are
         # compiled in each process, as without the cache.
         warnings.filterwarnings("ignore", message="Cannot cache compiled function")
-        reducer.fit(
-            [np.asarray(s[feature], dtype=np.float32) for s in sets],
-            relations=relations,
-        )
+        warnings.filterwarnings("ignore", message="using precomputed metric")
+        reducer.fit(data, relations=relations)
     return {
         name: Projection(
             frame_ids=np.asarray(s["frame_ids"], dtype=np.int64),

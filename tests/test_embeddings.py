@@ -9,6 +9,7 @@ from conftest import encoding_indices
 from scipy.cluster.hierarchy import linkage
 from sklearn.metrics import adjusted_rand_score
 
+from dlfb_localization import projection
 from dlfb_localization.dataset import Dataset, Labels
 from dlfb_localization.inspect.embeddings import clustering
 from dlfb_localization.inspect.embeddings.clustering import (
@@ -218,7 +219,7 @@ def test_aligned_projection_passes_frame_id_relations(monkeypatch):
         """Stands in for umap.AlignedUMAP: records the fit, projects trivially."""
 
         def __init__(self, **kwargs):
-            self.kwargs = kwargs
+            seen["kwargs"] = kwargs
 
         def fit(self, datasets, relations):
             seen["datasets"], seen["relations"] = datasets, relations
@@ -242,8 +243,17 @@ def test_aligned_projection_passes_frame_id_relations(monkeypatch):
     assert len(relation) == len(ids)
     assert list(projection) == ["a", "b"]
     np.testing.assert_array_equal(projection["b"].frame_ids, ids[order])
+    # Sets this small go in as their distances, in their order (`_umap_inputs`).
+    assert seen["kwargs"]["metric"] == "precomputed"
+    vectors = second["frame_vectors"].astype(np.float32)
+    np.testing.assert_allclose(
+        seen["datasets"][1],
+        np.linalg.norm(vectors[:, None] - vectors[None], axis=-1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     np.testing.assert_array_equal(
-        projection["b"].coordinates, second["frame_vectors"][:, :2]
+        projection["b"].coordinates, seen["datasets"][1][:, :2]
     )
 
 
@@ -306,6 +316,41 @@ def test_compile_umap_leaves_nothing_for_later_projections_to_compile():
         )
     assert coordinates.shape == (60, 2) and projected["b"].coordinates.shape == (60, 2)
     assert compiled == []
+
+
+def test_umap_of_a_small_set_is_umaps_own_to_the_bit():
+    """A set that UMAP compares all pairs of gets its distances from numba
+    (`projection._umap_inputs`), not from scikit-learn's loop over the pairs
+    in Python, as UMAP's own path does: they are the same float32 distances,
+    so the layout is UMAP's own. (Both paths run umap's one numba metric, on
+    this machine and any other.)"""
+    from sklearn.metrics import pairwise_distances
+
+    umap = umap_module()
+    # float64, as `evaluate`'s Hellinger features are; UMAP takes float32.
+    points = np.random.default_rng(5).random(size=(150, 6))
+    (distances,), metric = projection._umap_inputs([points], "euclidean")
+    assert metric == "precomputed" and distances.dtype == np.float32
+    by_pairs = pairwise_distances(
+        points.astype(np.float32), metric=umap.distances.euclidean
+    )
+    np.testing.assert_array_equal(distances, by_pairs)
+    own = umap.UMAP(
+        n_components=2,
+        n_neighbors=projection.UMAP_NEIGHBORS,
+        min_dist=projection.UMAP_MIN_DIST,
+        metric="euclidean",
+        random_state=0,
+        n_jobs=1,
+    ).fit_transform(points)
+    np.testing.assert_array_equal(project_2d(points), own)
+    # A set UMAP searches approximately, or a metric umap does not name, is
+    # given as it is.
+    large = [np.zeros((4096, 2), np.float32)]
+    inputs, metric = projection._umap_inputs(large, "euclidean")
+    assert inputs is large and metric == "euclidean"
+    inputs, metric = projection._umap_inputs([points], "no such metric")
+    assert inputs[0] is points and metric == "no such metric"
 
 
 def test_palette_covers_exactly_the_nine_localizations():
