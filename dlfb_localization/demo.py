@@ -21,8 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -137,66 +136,76 @@ def _run(out: Path, seed: int) -> Path:
     )
     for name, (title, _) in MODELS.items():
         print(f"  {name}: {title}")
-    runs = _train_at_once(configs, out / "runs")
+    first = next(iter(configs))
+    build_splits(configs[first], progress=True)  # the runs then only read it
+    # One thread per training (at the demo's batch of 32, XLA keeps 1.6 of 2
+    # cores busy with one training, two at once keep 1.9 busy), and one for
+    # each task after them. The untrained model's evaluation needs no
+    # training: queued behind them, it starts on the first core that a
+    # finished training frees. Each run's arithmetic is the same as alone.
+    workers = max(len(MODELS), min(len(MODELS) + 2, os.cpu_count() or 2))
+    with ThreadPoolExecutor(workers, thread_name_prefix="demo") as pool:
+        trainings = {
+            name: pool.submit(train_run, config, out / "runs" / name)
+            for name, config in configs.items()
+        }
+        evaluation_split = DatasetBuilder(out / "evaluation_data").build(
+            rng=seed, splits={"evaluation": 1.0}
+        )["evaluation"]
+        untrained = pool.submit(
+            _evaluate_untrained, out, configs[first], evaluation_split, compiling
+        )
+        runs = _results(trainings)
 
-    clock.stage(
-        "evaluation and figures",
-        "evaluating on unseen proteins (k-NN, probe, cluster scores) and, at the "
-        "same time, drawing the figures",
-    )
-    if compiling is not None:
-        # Long done, as a rule; this process loads the compiled code while
-        # the embeddings below are computed.
-        compiling.wait()
-        threading.Thread(target=compile_umap, name="load-umap", daemon=True).start()
-    evaluation_split = DatasetBuilder(out / "evaluation_data").build(
-        rng=seed, splits={"evaluation": 1.0}
-    )["evaluation"]
-    first = next(iter(runs.values()))
-    states = {
-        UNTRAINED[0]: create_state(first.config, first.splits),
-        **{name: run.state for name, run in runs.items()},
-    }
-    inputs = {name: _inputs(state, evaluation_split) for name, state in states.items()}
-    results = {
-        name: _reuse(_evaluation_path(out, name), inputs[name]) for name in states
-    }
-    for name, result in results.items():
-        if result is not None:
-            print(
-                f"  {name}: reused {_evaluation_path(out, name)} (same model and data)"
-            )
-    # What both evaluation and figures read, computed once, before they start.
-    embeddings = {
-        name: get_frame_embeddings(state, evaluation_split)
-        for name, state in states.items()
-        if results[name] is None
-    }
-    drawn = {name: inputs[name] for name in runs}
-    # The figures first, beside the first evaluation (the longest: it also
-    # scores the raw pixels); a thread that is done takes the next
-    # evaluation. With one thread for the three evaluations and one for the
-    # figures, the figures were done 30 s into the stage's 83 s.
-    tasks = {
-        "figures": functools.partial(
-            _figures, out, runs, evaluation_split, embeddings, drawn
-        ),
-        **{
-            name: functools.partial(
-                _evaluate_model,
-                out,
-                name,
-                states[name],
-                evaluation_split,
-                embeddings[name],
-                inputs[name],
-            )
-            for name in embeddings
-        },
-    }
-    done = _at_once(tasks, workers=min(len(tasks), max(2, os.cpu_count() or 2)))
-    written = done.pop("figures")
-    results |= done
+        clock.stage(
+            "evaluation and figures",
+            "evaluating on unseen proteins (k-NN, probe, cluster scores) and, at "
+            "the same time, drawing the figures",
+        )
+        if compiling is not None:
+            # Long done, as a rule; this process loads the compiled code while
+            # the embeddings below are computed.
+            compiling.wait()
+            threading.Thread(target=compile_umap, name="load-umap", daemon=True).start()
+        states = {name: run.state for name, run in runs.items()}
+        inputs = {
+            name: _inputs(state, evaluation_split) for name, state in states.items()
+        }
+        results = {
+            name: _reuse(_evaluation_path(out, name), inputs[name]) for name in states
+        }
+        _print_reused(out, results)
+        # What both evaluation and figures read, computed once, before they
+        # start.
+        embeddings = {
+            name: get_frame_embeddings(state, evaluation_split)
+            for name, state in states.items()
+            if results[name] is None
+        }
+        # The figures first: a thread that is done takes the next evaluation.
+        tasks = {
+            "figures": functools.partial(
+                _figures, out, runs, evaluation_split, embeddings, dict(inputs)
+            ),
+            **{
+                name: functools.partial(
+                    _evaluate_model,
+                    out,
+                    name,
+                    states[name],
+                    evaluation_split,
+                    embeddings[name],
+                    inputs[name],
+                )
+                for name in embeddings
+            },
+        }
+        futures = {name: pool.submit(task) for name, task in tasks.items()}
+        done = _results({UNTRAINED[0]: untrained, **futures})
+        written = done.pop("figures")
+        results = {UNTRAINED[0]: done.pop(UNTRAINED[0])} | {
+            name: results[name] or done[name] for name in runs
+        }
 
     clock.stage("report", "writing the report")
     report = out / "report.md"
@@ -218,25 +227,6 @@ def _run(out: Path, seed: int) -> Path:
     clock.stop()
     print(f"run folder: {out.resolve()}\nreport: {report.resolve()}")
     return report
-
-
-def _train_at_once(configs: dict[str, RunConfig], folder: Path) -> dict[str, Run]:
-    """`train_run` of each config into `folder / name`, all at the same time
-    (`_at_once`).
-
-    At the demo's batch of 32, XLA keeps only 1.6 of 2 CPU cores busy with one
-    training; two at once keep 1.9 busy and take about a fifth less time (both
-    models, 2 epochs: 85 s against 109 s). Each run's arithmetic is the same
-    as alone: their losses are bit-identical to sequential runs'. The data's
-    cache is built first, so that the runs only read it.
-    """
-    build_splits(next(iter(configs.values())), progress=True)
-    return _at_once(
-        {
-            name: functools.partial(train_run, config, folder / name)
-            for name, config in configs.items()
-        }
-    )
 
 
 def _compile_umap() -> subprocess.Popen:
@@ -264,24 +254,48 @@ def _compile_umap() -> subprocess.Popen:
     )
 
 
-def _at_once(
-    tasks: dict[str, Callable[[], Any]], workers: int | None = None
-) -> dict[str, Any]:
-    """`{name: task()}`, each task in a thread: `workers` at a time (default:
-    all at once), started in the order given.
+def _results(futures: dict[str, Future]) -> dict[str, Any]:
+    """`{name: future.result()}`, waiting for each in turn.
 
     A thread cannot be interrupted, so Ctrl-C ends the process at once, as a
     kill would: every finished epoch is checkpointed (an unfinished save is
     never taken for one), every file is written through a temporary name, and
     running the demo again resumes.
     """
-    with ThreadPoolExecutor(workers or len(tasks), thread_name_prefix="demo") as pool:
-        futures = {name: pool.submit(task) for name, task in tasks.items()}
-        try:
-            return {name: future.result() for name, future in futures.items()}
-        except KeyboardInterrupt:
-            print("\nstopped: run the demo again to resume", flush=True)
-            os._exit(130)
+    try:
+        return {name: future.result() for name, future in futures.items()}
+    except KeyboardInterrupt:
+        print("\nstopped: run the demo again to resume", flush=True)
+        os._exit(130)
+
+
+def _print_reused(out: Path, results: dict[str, dict | None]) -> None:
+    for name, result in results.items():
+        if result is not None:
+            print(
+                f"  {name}: reused {_evaluation_path(out, name)} (same model and data)"
+            )
+
+
+def _evaluate_untrained(
+    out: Path,
+    config: RunConfig,
+    evaluation_split: Dataset,
+    compiling: subprocess.Popen | None,
+) -> dict:
+    """The untrained model's evaluation (the initial state of `config`'s run),
+    or the stored one if it was computed from the same parameters and data."""
+    name = UNTRAINED[0]
+    state = create_state(config, build_splits(config))
+    inputs = _inputs(state, evaluation_split)
+    result = _reuse(_evaluation_path(out, name), inputs)
+    if result is not None:
+        _print_reused(out, {name: result})
+        return result
+    if compiling is not None:
+        compiling.wait()  # UMAP's code, compiled into numba's cache
+    embeddings = get_frame_embeddings(state, evaluation_split)
+    return _evaluate_model(out, name, state, evaluation_split, embeddings, inputs)
 
 
 def _evaluation_path(out: Path, name: str) -> Path:
