@@ -179,8 +179,9 @@ def project_2d(
 
 def _umap_inputs(sets: list[np.ndarray], metric: str) -> tuple[list[np.ndarray], str]:
     """`(inputs, metric)` to give UMAP (or AlignedUMAP) for the point sets
-    `sets` under `metric`: where UMAP would compare all pairs of every set,
-    the distances it would compute, as "precomputed"; else `(sets, metric)`.
+    `sets` under `metric`: where UMAP would compare all pairs of every set
+    by Euclidean distance, the distances it would compute, as "precomputed";
+    else `(sets, metric)`.
 
     For such a set UMAP calls scikit-learn's `pairwise_distances` with its
     numba metric, which scikit-learn then calls once per pair from Python: 3.9 s
@@ -191,12 +192,13 @@ def _umap_inputs(sets: list[np.ndarray], metric: str) -> tuple[list[np.ndarray],
     its distances are the same to the bit, and UMAP's graph and layout from them
     are the same (`tests/test_embeddings.py`).
     """
-    umap = umap_module()
-    if (
-        max(len(points) for points in sets) >= _UMAP_ALL_PAIRS_BELOW
-        or metric not in umap.distances.named_distances
-    ):
+    # Only the Euclidean metric (what the package projects with, Hellinger
+    # included, `scoring.to_metric_space`): for some others, e.g. cosine,
+    # UMAP also cuts edges longer than a bound that it does not apply to
+    # precomputed distances.
+    if metric != "euclidean" or max(map(len, sets)) >= _UMAP_ALL_PAIRS_BELOW:
         return sets, metric
+    umap = umap_module()
     # UMAP takes points as float32, and scikit-learn returns their distances
     # in float32.
     inputs = [

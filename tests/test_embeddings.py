@@ -234,15 +234,15 @@ def test_aligned_projection_passes_frame_id_relations(monkeypatch):
     order = np.random.default_rng(0).permutation(len(ids))
     first, second = embedding_set(ids, 0), embedding_set(ids[order], 1)
 
-    projection = calculate_projection(
+    projected = calculate_projection(
         {"a": first, "b": second}, feature="frame_vectors", random_state=3
     )
 
     (relation,) = seen["relations"]
     assert all(ids[a] == ids[order][b] for a, b in relation.items())
     assert len(relation) == len(ids)
-    assert list(projection) == ["a", "b"]
-    np.testing.assert_array_equal(projection["b"].frame_ids, ids[order])
+    assert list(projected) == ["a", "b"]
+    np.testing.assert_array_equal(projected["b"].frame_ids, ids[order])
     # Sets this small go in as their distances, in their order (`_umap_inputs`).
     assert seen["kwargs"]["metric"] == "precomputed"
     vectors = second["frame_vectors"].astype(np.float32)
@@ -253,7 +253,7 @@ def test_aligned_projection_passes_frame_id_relations(monkeypatch):
         atol=1e-6,
     )
     np.testing.assert_array_equal(
-        projection["b"].coordinates, seen["datasets"][1][:, :2]
+        projected["b"].coordinates, seen["datasets"][1][:, :2]
     )
 
 
@@ -322,8 +322,8 @@ def test_umap_of_a_small_set_is_umaps_own_to_the_bit():
     """A set that UMAP compares all pairs of gets its distances from numba
     (`projection._umap_inputs`), not from scikit-learn's loop over the pairs
     in Python, as UMAP's own path does: they are the same float32 distances,
-    so the layout is UMAP's own. (Both paths run umap's one numba metric, on
-    this machine and any other.)"""
+    so the layout is UMAP's own. (Both paths call umap's one numba function
+    for the metric.)"""
     from sklearn.metrics import pairwise_distances
 
     umap = umap_module()
@@ -344,13 +344,13 @@ def test_umap_of_a_small_set_is_umaps_own_to_the_bit():
         n_jobs=1,
     ).fit_transform(points)
     np.testing.assert_array_equal(project_2d(points), own)
-    # A set UMAP searches approximately, or a metric umap does not name, is
-    # given as it is.
+    # A set UMAP searches approximately, or another metric (for cosine UMAP
+    # also cuts long edges), is given as it is.
     large = [np.zeros((4096, 2), np.float32)]
     inputs, metric = projection._umap_inputs(large, "euclidean")
     assert inputs is large and metric == "euclidean"
-    inputs, metric = projection._umap_inputs([points], "no such metric")
-    assert inputs[0] is points and metric == "no such metric"
+    inputs, metric = projection._umap_inputs([points], "cosine")
+    assert inputs[0] is points and metric == "cosine"
 
 
 def test_palette_covers_exactly_the_nine_localizations():
