@@ -144,16 +144,22 @@ def _run(out: Path, seed: int) -> Path:
     # training: queued behind them, it starts on the first core that a
     # finished training frees. Each run's arithmetic is the same as alone.
     workers = max(len(MODELS), min(len(MODELS) + 2, os.cpu_count() or 2))
+    failed = threading.Event()
     with ThreadPoolExecutor(workers, thread_name_prefix="demo") as pool:
         trainings = {
-            name: pool.submit(train_run, config, out / "runs" / name)
+            name: pool.submit(_train, config, out / "runs" / name, failed)
             for name, config in configs.items()
         }
         evaluation_split = DatasetBuilder(out / "evaluation_data").build(
             rng=seed, splits={"evaluation": 1.0}
         )["evaluation"]
         untrained = pool.submit(
-            _evaluate_untrained, out, configs[first], evaluation_split, compiling
+            _evaluate_untrained,
+            out,
+            configs[first],
+            evaluation_split,
+            compiling,
+            failed,
         )
         runs = _results(trainings)
 
@@ -277,14 +283,30 @@ def _print_reused(out: Path, results: dict[str, dict | None]) -> None:
             )
 
 
+def _train(config: RunConfig, folder: Path, failed: threading.Event) -> Run:
+    """`train_run(config, folder)`; sets `failed` before a failure leaves it
+    (so the queued untrained evaluation, which its thread would take next,
+    sees it)."""
+    try:
+        return train_run(config, folder)
+    except BaseException:
+        failed.set()
+        raise
+
+
 def _evaluate_untrained(
     out: Path,
     config: RunConfig,
     evaluation_split: Dataset,
     compiling: subprocess.Popen | None,
-) -> dict:
+    failed: threading.Event,
+) -> dict | None:
     """The untrained model's evaluation (the initial state of `config`'s run),
-    or the stored one if it was computed from the same parameters and data."""
+    or the stored one if it was computed from the same parameters and data;
+    None, without computing anything, once a training has `failed`: the
+    demo then stops with that training's error, and should not wait for this."""
+    if failed.is_set():
+        return None
     name = UNTRAINED[0]
     state = create_state(config, build_splits(config))
     inputs = _inputs(state, evaluation_split)

@@ -98,6 +98,28 @@ def test_demo_writes_every_figure_and_the_report(tiny_demo, tmp_path, capsys):
     assert json.loads((out / "report.json").read_text()) == results
 
 
+def test_a_failed_training_stops_the_demo_before_the_untrained_evaluation(
+    tiny_demo, tmp_path, monkeypatch
+):
+    """The untrained evaluation is queued behind the trainings, on the thread
+    that a finished (or failed) one frees; after a failure it computes
+    nothing, and the demo stops with the training's error."""
+    from dlfb_localization.train import NonFiniteLossError
+
+    def train_run(config, folder):
+        raise NonFiniteLossError(f"{folder.name} diverged")
+
+    evaluated = []
+    monkeypatch.setattr(demo, "train_run", train_run)
+    monkeypatch.setattr(
+        demo, "get_frame_embeddings", lambda *args: evaluated.append(args)
+    )
+    with pytest.raises(NonFiniteLossError, match="with_head diverged"):
+        demo.run(tmp_path / "run")
+    assert evaluated == []
+    assert not (tmp_path / "run" / "evaluation").exists()
+
+
 def test_an_evaluation_stored_before_the_probe_is_computed_again(tmp_path):
     path = tmp_path / "model.json"
     inputs = {"params_sha256": "0" * 64, "data": "f", "version": "v"}
