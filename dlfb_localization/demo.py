@@ -25,11 +25,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from dlfb_localization import __version__
 from dlfb_localization.dataset import Dataset
 from dlfb_localization.dataset.builder import DatasetBuilder
 from dlfb_localization.dataset.synthetic import SyntheticSpec, write_release
 from dlfb_localization.demo_report import report_markdown
+from dlfb_localization.demo_reuse import (
+    evaluation_path,
+    inputs_of,
+    inputs_path,
+    reuse,
+    reused_figures,
+)
 from dlfb_localization.embeddings import get_frame_embeddings
 from dlfb_localization.evaluate import evaluate
 from dlfb_localization.figures import save_figure, write_model_figures
@@ -37,7 +43,7 @@ from dlfb_localization.files import write_json, write_text
 from dlfb_localization.locks import lock_folder
 from dlfb_localization.model.interface import ModelState
 from dlfb_localization.projection import compile_umap
-from dlfb_localization.run_record import to_json, tree_sha256
+from dlfb_localization.run_record import to_json
 from dlfb_localization.runs import (
     METRICS_FILE,
     Run,
@@ -175,10 +181,10 @@ def _run(out: Path, seed: int) -> Path:
             threading.Thread(target=compile_umap, name="load-umap", daemon=True).start()
         states = {name: run.state for name, run in runs.items()}
         inputs = {
-            name: _inputs(state, evaluation_split) for name, state in states.items()
+            name: inputs_of(state, evaluation_split) for name, state in states.items()
         }
         results = {
-            name: _reuse(_evaluation_path(out, name), inputs[name]) for name in states
+            name: reuse(evaluation_path(out, name), inputs[name]) for name in states
         }
         _print_reused(out, results)
         # What both evaluation and figures read, computed once, before they
@@ -279,7 +285,7 @@ def _print_reused(out: Path, results: dict[str, dict | None]) -> None:
     for name, result in results.items():
         if result is not None:
             print(
-                f"  {name}: reused {_evaluation_path(out, name)} (same model and data)"
+                f"  {name}: reused {evaluation_path(out, name)} (same model and data)"
             )
 
 
@@ -309,8 +315,8 @@ def _evaluate_untrained(
         return None
     name = UNTRAINED[0]
     state = create_state(config, build_splits(config))
-    inputs = _inputs(state, evaluation_split)
-    result = _reuse(_evaluation_path(out, name), inputs)
+    inputs = inputs_of(state, evaluation_split)
+    result = reuse(evaluation_path(out, name), inputs)
     if result is not None:
         _print_reused(out, {name: result})
         return result
@@ -318,10 +324,6 @@ def _evaluate_untrained(
         compiling.wait()  # UMAP's code, compiled into numba's cache
     embeddings = get_frame_embeddings(state, evaluation_split)
     return _evaluate_model(out, name, state, evaluation_split, embeddings, inputs)
-
-
-def _evaluation_path(out: Path, name: str) -> Path:
-    return out / "evaluation" / f"{name}.json"
 
 
 def _evaluate_model(
@@ -335,7 +337,7 @@ def _evaluate_model(
     """`evaluate` of `state`, written to `out/evaluation/<name>.json` with
     what it was computed from beside it (`<name>.json.inputs.json`)."""
     print(f"  evaluating {name}")
-    path = _evaluation_path(out, name)
+    path = evaluation_path(out, name)
     result = evaluate(
         state,
         evaluation_split,
@@ -343,7 +345,7 @@ def _evaluate_model(
         progress=True,
         frame_embeddings=embeddings,
     )
-    write_json(inputs, _inputs_path(path))
+    write_json(inputs, inputs_path(path))
     return result
 
 
@@ -358,7 +360,7 @@ def _figures(
     and data with these inputs (`drawn`); returns their paths by name. Only
     this thread draws: matplotlib's pyplot is not thread-safe."""
     figures = out / "figures"
-    written = _reused_figures(out, drawn)
+    written = reused_figures(out, drawn)
     if written is not None:
         print(f"  reused {figures} (same models and data)")
         return written
@@ -380,7 +382,7 @@ def _figures(
         map_model=MAP_MODEL,
     )
     listing = {key: str(path.relative_to(out)) for key, path in written.items()}
-    write_json({"inputs": drawn, "figures": listing}, _inputs_path(figures))
+    write_json({"inputs": drawn, "figures": listing}, inputs_path(figures))
     return written
 
 
@@ -398,54 +400,6 @@ def _write_samples(out: Path) -> None:
     write_release(out / "data", EMBEDDED_SAMPLE, progress=True)
     write_release(out / "evaluation_data", EVALUATION_SAMPLE, progress=True)
     write_json(wanted, record)
-
-
-def _inputs(state, split) -> dict:
-    """What an evaluation or a figure of `state` on `split` depends on: the
-    parameters' bytes, the split's fingerprint and the library's version."""
-    return {
-        "params_sha256": tree_sha256(state.params),
-        "data": split.fingerprint,
-        "version": __version__,
-    }
-
-
-def _inputs_path(path: Path) -> Path:
-    return path.with_name(f"{path.name}.inputs.json")
-
-
-# What the report reads of an evaluation: one stored before `evaluate` gave
-# all of these (the probe came later) is computed again, even from the same
-# model and data, rather than reported with a hole.
-_REPORTED = frozenset({"labels", "knn", "probe", "cluster_score", "codebook"})
-
-
-def _reuse(path: Path, inputs: dict) -> dict | None:
-    """The result stored at `path` if it was computed from `inputs` and holds
-    everything the report reads, else None."""
-    if not (path.is_file() and _inputs_path(path).is_file()):
-        return None
-    if json.loads(_inputs_path(path).read_text()) != inputs:
-        return None
-    result = json.loads(path.read_text())
-    if not result.keys() >= _REPORTED:
-        return None
-    return result
-
-
-def _reused_figures(out: Path, inputs: dict) -> dict[str, Path] | None:
-    """The figures in `out/figures` if they were drawn from models and data with
-    these `inputs` and are all there, else None."""
-    record = _inputs_path(out / "figures")
-    if not record.is_file():
-        return None
-    stored = json.loads(record.read_text())
-    written = {key: out / path for key, path in stored["figures"].items()}
-    if stored["inputs"] != inputs or not all(p.is_file() for p in written.values()):
-        return None
-    if "map" not in written:  # drawn before figures included map.html
-        return None
-    return written
 
 
 class _Clock:

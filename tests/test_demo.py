@@ -7,6 +7,7 @@ import pytest
 
 from dlfb_localization import demo
 from dlfb_localization.dataset.synthetic import SyntheticSpec
+from dlfb_localization.demo_reuse import reuse
 
 
 @pytest.fixture
@@ -132,8 +133,8 @@ def test_an_evaluation_stored_before_the_probe_is_computed_again(tmp_path):
     }
     path.write_text(json.dumps(result))
     (tmp_path / "model.json.inputs.json").write_text(json.dumps(inputs))
-    assert demo._reuse(path, inputs) == result
-    assert demo._reuse(path, {**inputs, "version": "w"}) is None
+    assert reuse(path, inputs) == result
+    assert reuse(path, {**inputs, "version": "w"}) is None
     del result["probe"]
     path.write_text(json.dumps(result))
-    assert demo._reuse(path, inputs) is None
+    assert reuse(path, inputs) is None
