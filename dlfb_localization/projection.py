@@ -186,7 +186,7 @@ def _umap_inputs(sets: list[np.ndarray], metric: str) -> tuple[list[np.ndarray],
     For such a set UMAP calls scikit-learn's `pairwise_distances` with its
     numba metric, which scikit-learn then calls once per pair from Python: 3.9 s
     for the demo's 1,174 frames, holding Python's lock (the demo's
-    evaluations and figures ran eleven of them). umap's own
+    evaluations and figures ran nine of them). umap's own
     `distances.pairwise_special_metric` loops over the pairs in numba with the
     same metric function (0.1 s); in float32, as scikit-learn returns them,
     its distances are the same to the bit, and UMAP's graph and layout from them
