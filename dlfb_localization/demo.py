@@ -143,7 +143,9 @@ def _run(out: Path, seed: int) -> Path:
     for name, (title, _) in MODELS.items():
         print(f"  {name}: {title}")
     first = next(iter(configs))
-    build_splits(configs[first], progress=True)  # the runs then only read it
+    # Built here, so that the runs only read the cache; the untrained model
+    # is created on these splits.
+    splits = build_splits(configs[first], progress=True)
     # One thread per training (at the demo's batch of 32, XLA keeps 1.6 of 2
     # cores busy with one training, two at once keep 1.9 busy), and one for
     # each task after them. The untrained model's evaluation needs no
@@ -163,6 +165,7 @@ def _run(out: Path, seed: int) -> Path:
             _evaluate_untrained,
             out,
             configs[first],
+            splits,
             evaluation_split,
             compiling,
             failed,
@@ -197,7 +200,7 @@ def _run(out: Path, seed: int) -> Path:
         # The figures first: a thread that is done takes the next evaluation.
         tasks = {
             "figures": functools.partial(
-                _figures, out, runs, evaluation_split, embeddings, dict(inputs)
+                _figures, out, runs, evaluation_split, embeddings, inputs
             ),
             **{
                 name: functools.partial(
@@ -303,18 +306,20 @@ def _train(config: RunConfig, folder: Path, failed: threading.Event) -> Run:
 def _evaluate_untrained(
     out: Path,
     config: RunConfig,
+    splits: dict[str, Dataset],
     evaluation_split: Dataset,
     compiling: subprocess.Popen | None,
     failed: threading.Event,
 ) -> dict | None:
-    """The untrained model's evaluation (the initial state of `config`'s run),
-    or the stored one if it was computed from the same parameters and data;
-    None, without computing anything, once a training has `failed`: the
-    demo then stops with that training's error, and should not wait for this."""
+    """The untrained model's evaluation (the initial state of `config`'s run
+    on `splits`), or the stored one if it was computed from the same
+    parameters and data; None, without computing anything, once a training
+    has `failed`: the demo then stops with that training's error, and should
+    not wait for this."""
     if failed.is_set():
         return None
     name = UNTRAINED[0]
-    state = create_state(config, build_splits(config))
+    state = create_state(config, splits)
     inputs = inputs_of(state, evaluation_split)
     result = reuse(evaluation_path(out, name), inputs)
     if result is not None:
