@@ -437,6 +437,6 @@ def _plan(out: Path) -> str:
         f"classification head ({DEMO_TRAINING['num_epochs']} epochs each), "
         f"evaluates both on {EVALUATION_SAMPLE.n_proteins} unseen proteins and "
         f"writes figures and a report into {out.resolve()}.\n"
-        "It takes 4.5 to 8 minutes on 2 CPU cores (less with a GPU). Stop it "
+        "It takes 3.5 to 8 minutes on 2 CPU cores (less with a GPU). Stop it "
         "with Ctrl-C: run again, it resumes, and finished models are restored."
     )
