@@ -8,13 +8,14 @@ several embedding sets. UMAP is imported on first use, and numba's compiled
 code for it is kept on disk (`umap_module`).
 """
 
+import contextlib
 import functools
 import itertools
 import sys
 import threading
 import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -172,9 +173,34 @@ def project_2d(
         random_state=random_state,
         n_jobs=1,
     )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="using precomputed metric")
+    with _quiet_umap():
         return reducer.fit_transform(data)
+
+
+# `warnings.catch_warnings` replaces the process's list of warning filters on
+# entry and puts back the list it found on exit, so two threads inside it at
+# once undo each other's filters (and can leave one in place for good). The
+# demo fits UMAPs in several threads at once: each fit takes this lock. The
+# fits hold Python's lock almost throughout (numba's compiled code does not
+# release it), so they ran one at a time already.
+_FITTING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_umap() -> Iterator[None]:
+    """One UMAP fit at a time, without the warnings umap gives for what this
+    module asks of it on purpose."""
+    with _FITTING, warnings.catch_warnings():
+        # Distances are passed as "precomputed" (`_umap_inputs`), so UMAP has
+        # no inverse transform, which nothing here uses.
+        warnings.filterwarnings("ignore", message="using precomputed metric")
+        # AlignedUMAP builds UMAPs with n_jobs=-1 and a seed, so umap warns that
+        # it runs single-threaded: that is the reproducibility asked for.
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        # Two of its functions cannot be cached (`umap_module`); they are
+        # compiled in each process, as without the cache.
+        warnings.filterwarnings("ignore", message="Cannot cache compiled function")
+        yield
 
 
 def _umap_inputs(sets: list[np.ndarray], metric: str) -> tuple[list[np.ndarray], str]:
@@ -332,14 +358,7 @@ def calculate_projection(
         metric=metric,
         random_state=random_state,
     )
-    with warnings.catch_warnings():
-        # AlignedUMAP builds UMAPs with n_jobs=-1 and a seed, so umap warns that
-        # it runs single-threaded: that is the reproducibility asked for.
-        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
-        # Two of its functions cannot be cached (`umap_module`); they are
-        # compiled in each process, as without the cache.
-        warnings.filterwarnings("ignore", message="Cannot cache compiled function")
-        warnings.filterwarnings("ignore", message="using precomputed metric")
+    with _quiet_umap():
         reducer.fit(data, relations=relations)
     return {
         name: Projection(

@@ -1,5 +1,10 @@
 """Frame and protein embeddings, feature-spectrum clustering and projections."""
 
+import threading
+import time
+import types
+import warnings
+
 import jax
 import numpy as np
 import optax
@@ -351,6 +356,53 @@ def test_umap_of_a_small_set_is_umaps_own_to_the_bit():
     assert inputs is large and metric == "euclidean"
     inputs, metric = projection._umap_inputs([points], "cosine")
     assert inputs[0] is points and metric == "cosine"
+
+
+def test_umap_fits_in_threads_take_turns_and_leave_the_warning_filters(monkeypatch):
+    """The demo fits UMAPs in several threads. `warnings.catch_warnings`, which
+    quiets umap's warnings about what `projection` asks of it on purpose,
+    swaps the process's one list of filters, so two fits inside it at once
+    undo each other's filters: each fit takes a lock, no umap warning gets
+    out, and the filters are as they were after."""
+    inside, most, counting = [0], [0], threading.Lock()
+
+    class SlowUMAP:
+        """Stands in for umap.UMAP: warns as umap does, and stays a while."""
+
+        def __init__(self, **kwargs):
+            pass
+
+        def fit_transform(self, data):
+            with counting:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            warnings.warn("using precomputed metric; no inverse", stacklevel=2)
+            time.sleep(0.05)  # time for another thread to come in, were it let
+            warnings.warn("n_jobs value -1 overridden to 1", stacklevel=2)
+            with counting:
+                inside[0] -= 1
+            return np.zeros((len(data), 2), np.float32)
+
+    monkeypatch.setattr(
+        projection, "umap_module", lambda: types.SimpleNamespace(UMAP=SlowUMAP)
+    )
+    points = np.random.default_rng(0).random((12, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        threads = [
+            threading.Thread(
+                target=project_2d, args=(points,), kwargs={"metric": "cosine"}
+            )
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert warnings.filters == filters
+    assert most[0] == 1
+    assert [str(w.message) for w in caught] == []
 
 
 def test_palette_covers_exactly_the_nine_localizations():
