@@ -75,6 +75,14 @@ def _set_up_umap():
             if isinstance(value, Dispatcher):
                 value.enable_caching()
     umap.layouts.numba = _KeptDispatchers(umap.layouts.numba)
+    umap.umap_.warn = _quieted(umap.umap_.warn)
+    # numba says so when a function whose caching was enabled above cannot be
+    # cached (two of them: they are compiled in each process, as without it).
+    warnings.filterwarnings(
+        "ignore",
+        message="Cannot cache compiled function",
+        module=r".*[/\\](umap|pynndescent)[/\\]",
+    )
     return umap
 
 
@@ -177,30 +185,46 @@ def project_2d(
         return reducer.fit_transform(data)
 
 
-# `warnings.catch_warnings` replaces the process's list of warning filters on
-# entry and puts back the list it found on exit, so two threads inside it at
-# once undo each other's filters (and can leave one in place for good). The
-# demo fits UMAPs in several threads at once: each fit takes this lock. The
-# fits hold Python's lock almost throughout (numba's compiled code does not
-# release it), so they ran one at a time already.
-_FITTING = threading.Lock()
+# Where a fit of this module's runs (`_quiet_umap`), per thread.
+_FITTING = threading.local()
+# What umap says of what this module asks of it on purpose: distances passed
+# as "precomputed" (`_umap_inputs`) leave it without an inverse transform,
+# which nothing here uses; AlignedUMAP builds UMAPs with n_jobs=-1 and a seed,
+# so they run single-threaded, the reproducibility asked for.
+_UMAP_NOTICES = ("using precomputed metric", "n_jobs value")
 
 
 @contextlib.contextmanager
 def _quiet_umap() -> Iterator[None]:
-    """One UMAP fit at a time, without the warnings umap gives for what this
-    module asks of it on purpose."""
-    with _FITTING, warnings.catch_warnings():
-        # Distances are passed as "precomputed" (`_umap_inputs`), so UMAP has
-        # no inverse transform, which nothing here uses.
-        warnings.filterwarnings("ignore", message="using precomputed metric")
-        # AlignedUMAP builds UMAPs with n_jobs=-1 and a seed, so umap warns that
-        # it runs single-threaded: that is the reproducibility asked for.
-        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
-        # Two of its functions cannot be cached (`umap_module`); they are
-        # compiled in each process, as without the cache.
-        warnings.filterwarnings("ignore", message="Cannot cache compiled function")
+    """A UMAP fit in this thread without umap's notices of `_UMAP_NOTICES`
+    (`_quieted`)."""
+    _FITTING.active = True
+    try:
         yield
+    finally:
+        _FITTING.active = False
+
+
+def _quieted(warn):
+    """umap's `warn`, which drops `_UMAP_NOTICES` in a thread inside
+    `_quiet_umap` and passes on everything else.
+
+    Not `warnings.catch_warnings`: it replaces the process's one list of
+    filters on entry and puts back the list it found on exit, so another
+    thread inside it at the same time (the demo fits UMAPs while scikit-learn,
+    which uses it, scores embeddings) removes the filters while a fit runs,
+    or leaves them in place for good.
+    """
+
+    @functools.wraps(warn)
+    def quiet_warn(message, category=None, stacklevel=1, source=None):
+        if getattr(_FITTING, "active", False) and str(message).startswith(
+            _UMAP_NOTICES
+        ):
+            return
+        warn(message, category, stacklevel + 1, source)
+
+    return quiet_warn
 
 
 def _umap_inputs(sets: list[np.ndarray], metric: str) -> tuple[list[np.ndarray], str]:
